@@ -1,0 +1,405 @@
+"""HDF5 sources: lazy (read on demand) and cached (this rank's part in shared memory)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._errors import DataError
+from ._progress import progress as _progress
+from ._sampler import ShardSpec
+from ._shm import SharedArrays
+
+
+def _h5py():
+    import h5py  # imported lazily: a user of tar shards needs no HDF5
+
+    return h5py
+
+
+def _open(path: str, **cache: Any):
+    h5py = _h5py()
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such HDF5 file")
+    try:
+        return h5py.File(path, "r", **{k: v for k, v in cache.items() if v is not None})
+    except OSError as e:
+        msg = str(e)
+        if "signature" in msg:
+            raise DataError(f"{path}: not an HDF5 file (no HDF5 signature found)") from e
+        if "truncated" in msg or "eof" in msg.lower():
+            raise DataError(f"{path}: truncated HDF5 file ({msg})") from e
+        raise DataError(f"{path}: cannot open as HDF5: {msg}") from e
+
+
+def _keys_of(f, path: str, keys: str | Sequence[str] | None) -> list[str]:
+    if keys is None:
+        h5py = _h5py()
+        found = [k for k, v in f.items() if isinstance(v, h5py.Dataset)]
+        if not found:
+            raise DataError(f"{path}: no datasets at the top level; pass keys=[...]")
+        return found
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    if not keys:
+        raise ValueError(f"{path}: keys is empty")
+    for k in keys:
+        if k not in f:
+            have = []
+            f.visititems(lambda name, obj: have.append(name) if hasattr(obj, "shape") else None)
+            raise DataError(f"{path}: no dataset {k!r}; the file has: {', '.join(have) or '(none)'}")
+    return keys
+
+
+def _check_lengths(path: str, shapes: Mapping[str, tuple]) -> int:
+    for k, shape in shapes.items():
+        if len(shape) == 0:
+            raise DataError(f"{path}: dataset {k!r} is a scalar; records need a first dimension")
+    lengths = {k: s[0] for k, s in shapes.items()}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{k}={n}" for k, n in lengths.items())
+        raise DataError(f"{path}: keys have different lengths ({listed}); all selected keys must share the first dimension")
+    return next(iter(lengths.values()))
+
+
+def _direct_layout(ds, file_size: int) -> np.ndarray | None:
+    """File offsets of each row block for an uncompressed dataset, or None.
+
+    Returns an array ``starts`` with one entry per chunk (one entry for a contiguous
+    dataset) holding the byte offset of that chunk's first row, when every row can be
+    read straight from the file: no filters, chunks spanning whole rows, every chunk
+    allocated, and everything inside the file.
+    """
+    if ds.dtype.kind not in "biuf" or ds.dtype.hasobject or ds.is_virtual or ds.external:
+        return None
+    row_bytes = ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))
+    if ds.chunks is None:
+        offset = ds.id.get_offset()
+        if offset is None or offset + row_bytes * ds.shape[0] > file_size:
+            return None
+        return np.array([offset], dtype=np.int64)
+    if ds.id.get_create_plist().get_nfilters() or tuple(ds.chunks[1:]) != tuple(ds.shape[1:]):
+        return None
+    rows = ds.chunks[0]
+    nchunks = -(-ds.shape[0] // rows)
+    if ds.id.get_num_chunks() != nchunks:
+        return None  # unallocated chunks hold the fill value, not file bytes
+    starts = np.full(nchunks, -1, dtype=np.int64)
+
+    def visit(info):
+        starts[info.chunk_offset[0] // rows] = info.byte_offset
+
+    try:
+        ds.id.chunk_iter(visit)
+    except (AttributeError, NotImplementedError):
+        for i in range(nchunks):
+            visit(ds.id.get_chunk_info(i))
+    if np.any(starts < 0) or starts.max() + rows * row_bytes > file_size:
+        return None
+    return starts
+
+
+class _Key:
+    """What the source knows about one selected dataset."""
+
+    def __init__(self, name: str, ds, file_size: int, direct: bool) -> None:
+        self.name = name
+        self.shape = tuple(ds.shape)
+        self.dtype = ds.dtype
+        self.chunk_rows = ds.chunks[0] if ds.chunks else None
+        self.row_bytes = ds.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        self.starts = _direct_layout(ds, file_size) if direct else None
+
+    def describe(self) -> str:
+        return f"{self.name}:{self.dtype.str}{list(self.shape)}"
+
+
+class H5Source:
+    """Random access to records of one HDF5 file, read lazily.
+
+    Args:
+      path: the HDF5 file.
+      keys: dataset names to read (default: every dataset at the top level). All must
+        share the first dimension, which indexes records.
+      rename: optional ``{dataset: output name}`` for the batch dict keys.
+      rdcc_nbytes, rdcc_nslots, rdcc_w0: HDF5's chunk cache for this file (h5py's
+        defaults when None). Random single-record reads want ``rdcc_nbytes=0`` or a
+        cache larger than the data (see PITFALLS.md).
+      direct: read uncompressed datasets straight from the file's bytes (an ``mmap``
+        per process) instead of through HDF5: the fast path for shuffled reads.
+        Compressed or unusually chunked datasets always go through h5py.
+
+    The file is opened in the process that reads it (detected by pid), so the
+    source can be pickled into fork, spawn or forkserver workers without a
+    worker-init hook. ``read_batch`` groups reads: a whole batch costs one gather per
+    key on the direct path, and one h5py read per run of touched chunks otherwise.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        keys: str | Sequence[str] | None = None,
+        *,
+        rename: Mapping[str, str] | None = None,
+        rdcc_nbytes: int | None = None,
+        rdcc_nslots: int | None = None,
+        rdcc_w0: float | None = None,
+        direct: bool = True,
+    ) -> None:
+        self.path = os.fspath(path)
+        self._cache_opts = {"rdcc_nbytes": rdcc_nbytes, "rdcc_nslots": rdcc_nslots, "rdcc_w0": rdcc_w0}
+        stat = os.stat(self.path) if os.path.exists(self.path) else None
+        with _open(self.path, **self._cache_opts) as f:
+            names = _keys_of(f, self.path, keys)
+            size = stat.st_size if stat else 0
+            self._keys = [_Key(k, f[k], size, direct) for k in names]
+        self._num_records = _check_lengths(self.path, {k.name: k.shape for k in self._keys})
+        self._stat = (stat.st_size, stat.st_mtime_ns) if stat else None
+        self.rename = dict(rename or {})
+        unknown = set(self.rename) - set(names)
+        if unknown:
+            raise ValueError(f"{self.path}: rename names keys that are not selected: {sorted(unknown)}")
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._file = None
+        self._mm: np.ndarray | None = None
+
+    # --------------------------------------------------------------- protocol
+    def __len__(self) -> int:
+        return self._num_records
+
+    @property
+    def keys(self) -> list[str]:
+        """Output names of the batch dict, in order."""
+        return [self.rename.get(k.name, k.name) for k in self._keys]
+
+    @property
+    def block_starts(self) -> np.ndarray:
+        """Record offsets of the first key's HDF5 chunks (for ``shuffle="block"``)."""
+        k = self._keys[0]
+        rows = k.chunk_rows or max(1, (1 << 20) // max(1, k.row_bytes))
+        return np.arange(0, self._num_records, rows, dtype=np.int64)
+
+    def describe(self) -> str:
+        keys = ", ".join(k.describe() for k in self._keys)
+        return f"H5Source({os.path.basename(self.path)!r}, records={self._num_records}, keys=[{keys}])"
+
+    def __repr__(self) -> str:
+        return f"H5Source({self.path!r}, keys={[k.name for k in self._keys]}, records={self._num_records})"
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        batch = self.read_batch(np.array([index]))
+        return {k: v[0] for k, v in batch.items()}
+
+    def read_records(self, indices) -> list[dict[str, np.ndarray]]:
+        """Records one by one (read as one batch, then split)."""
+        batch = self.read_batch(indices)
+        return [{k: v[i] for k, v in batch.items()} for i in range(len(indices))]
+
+    def read_batch(self, indices) -> dict[str, np.ndarray]:
+        """Records ``indices`` of every key, stacked: ``{name: array[len(indices), ...]}``."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1:
+            raise ValueError(f"indices must be 1-D, got shape {idx.shape}")
+        if len(idx) and (idx.min() < 0 or idx.max() >= self._num_records):
+            bad = idx[(idx < 0) | (idx >= self._num_records)][0]
+            raise IndexError(f"{self.path}: record {bad} is out of range [0, {self._num_records})")
+        self._ensure_open()
+        out = {}
+        for k in self._keys:
+            try:
+                if k.starts is not None and self._mm is not None:
+                    arr = self._read_direct(k, idx)
+                else:
+                    arr = self._read_h5py(k, idx)
+            except (OSError, RuntimeError, KeyError) as e:
+                raise DataError(
+                    f"{self.path}: reading {k.name!r} records {idx.min()}..{idx.max()} failed: {e}"
+                ) from e
+            out[self.rename.get(k.name, k.name)] = arr
+        return out
+
+    # --------------------------------------------------------------- reading
+    def _ensure_open(self) -> None:
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        with self._lock:
+            if self._pid == pid:
+                return
+            stat = os.stat(self.path) if os.path.exists(self.path) else None
+            if stat is None or (stat.st_size, stat.st_mtime_ns) != self._stat:
+                raise DataError(f"{self.path}: the file changed or vanished since this source was created")
+            self._file = _open(self.path, **self._cache_opts)
+            self._mm = None
+            if any(k.starts is not None for k in self._keys):
+                self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self._pid = pid
+
+    def _read_direct(self, k: _Key, idx: np.ndarray) -> np.ndarray:
+        assert self._mm is not None and k.starts is not None
+        if k.chunk_rows is None:
+            offsets = k.starts[0] + idx * k.row_bytes
+        else:
+            chunk, row = np.divmod(idx, k.chunk_rows)
+            offsets = k.starts[chunk] + row * k.row_bytes
+        mm = self._mm
+        window = np.lib.stride_tricks.as_strided(mm, shape=(len(mm) - k.row_bytes + 1, k.row_bytes), strides=(1, 1))
+        rows = window[offsets]
+        arr = rows.view(k.dtype).reshape((len(idx), *k.shape[1:]))
+        return arr if k.dtype.isnative else arr.astype(k.dtype.newbyteorder("="))
+
+    def _read_h5py(self, k: _Key, idx: np.ndarray) -> np.ndarray:
+        ds = self._file[k.name]
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        if len(uniq) == 0:
+            return np.empty((0, *k.shape[1:]), dtype=k.dtype)
+        out = np.empty((len(uniq), *k.shape[1:]), dtype=k.dtype)
+        # Read runs of touched chunks (or the spanned range of a contiguous dataset)
+        # as slabs: each chunk is read and decompressed once per batch.
+        rows = k.chunk_rows or max(1, len(uniq))
+        chunks = uniq // rows
+        run_starts = np.flatnonzero(np.diff(chunks, prepend=chunks[0] - 2) > 1)
+        run_ends = np.append(run_starts[1:], len(uniq))
+        for a, b in zip(run_starts, run_ends, strict=True):
+            lo = int(uniq[a]) if k.chunk_rows is None else int(chunks[a]) * rows
+            hi = int(uniq[b - 1]) + 1
+            if k.chunk_rows is None and hi - lo > 4 * (b - a):
+                out[a:b] = ds[uniq[a:b]]  # sparse rows of a contiguous dataset: one selection
+            else:
+                out[a:b] = ds[lo:hi][uniq[a:b] - lo]
+        return out[inverse.reshape(-1)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_lock=None, _pid=None, _file=None, _mm=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class H5CachedSource:
+    """This rank's part of an HDF5 file, loaded into memory once and shared.
+
+    Loads only the records ``shard`` owns (``contiguous`` or ``interleave``; with one
+    process, everything) into one POSIX shared-memory segment. Worker processes map
+    the same pages read-only: no copy per worker, forked or spawned. The segment is
+    removed when the owning process exits, normally, by an exception, or killed (then
+    Python's resource tracker removes it).
+
+    Indices stay *global* record numbers, so the same :class:`Sampler` (built with the
+    same ``shard``) drives it; asking for a record outside this rank's part is an error.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        keys: str | Sequence[str] | None = None,
+        *,
+        shard: ShardSpec | None = None,
+        rename: Mapping[str, str] | None = None,
+        share: bool = True,
+        progress: bool = False,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.shard = shard or ShardSpec()
+        if self.shard.mode == "global" and self.shard.count > 1:
+            raise ValueError(
+                "H5CachedSource holds one rank's part: use ShardSpec(mode='contiguous' or 'interleave'), "
+                f"got mode='global' with {self.shard.count} processes"
+            )
+        lazy = H5Source(self.path, keys, rename=rename)
+        self._num_records = len(lazy)
+        self._describe_keys = ", ".join(k.describe() for k in lazy._keys)
+        part = self.shard.part(self._num_records)
+        self._part_size = len(part)
+        specs = {
+            lazy.rename.get(k.name, k.name): ((len(part), *k.shape[1:]), k.dtype.newbyteorder("="))
+            for k in lazy._keys
+        }
+        self._arrays = SharedArrays(specs, share=share)
+        step = max(1, (64 << 20) // max(1, sum(k.row_bytes for k in lazy._keys)))
+        bar = _progress(len(part), f"caching {os.path.basename(self.path)}", progress)
+        for a in range(0, len(part), step):
+            batch = lazy.read_batch(part[a : a + step])
+            for name, arr in batch.items():
+                self._arrays.arrays[name][a : a + len(arr)] = arr
+            bar.update(min(step, len(part) - a))
+        bar.close()
+        self._arrays.freeze()
+
+    def __len__(self) -> int:
+        return self._num_records
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._arrays.arrays)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this rank's part held in memory."""
+        return self._arrays.nbytes
+
+    @property
+    def shm_name(self) -> str | None:
+        """The shared-memory segment's name (``/dev/shm/<name>`` on Linux)."""
+        return self._arrays.name
+
+    def describe(self) -> str:
+        return (
+            f"H5CachedSource({os.path.basename(self.path)!r}, records={self._num_records}, "
+            f"keys=[{self._describe_keys}])"
+        )
+
+    def __repr__(self) -> str:
+        s = self.shard
+        return (
+            f"H5CachedSource({self.path!r}, keys={self.keys}, records={self._num_records}, "
+            f"part={self._part_size} ({s.mode} {s.index}/{s.count}))"
+        )
+
+    def _local(self, idx: np.ndarray) -> np.ndarray:
+        s = self.shard
+        if s.count == 1:
+            local = idx
+        elif s.mode == "contiguous":
+            local = idx - s.bounds(self._num_records)[0]
+        else:
+            local = (idx - s.index) // s.count
+        bad = (local < 0) | (local >= self._part_size)
+        if s.mode == "interleave" and s.count > 1:
+            bad |= (idx - s.index) % s.count != 0
+        if np.any(bad):
+            raise IndexError(
+                f"{self.path}: record {idx[bad][0]} is not in this rank's part ({s.mode} {s.index}/{s.count}); "
+                "build the Sampler with the same ShardSpec as the H5CachedSource"
+            )
+        return local
+
+    def read_batch(self, indices) -> dict[str, np.ndarray]:
+        """Records ``indices`` (global numbers) of every key, stacked."""
+        idx = np.asarray(indices, dtype=np.int64)
+        local = self._local(idx)
+        return {k: v[local] for k, v in self._arrays.arrays.items()}
+
+    def read_records(self, indices) -> list[dict[str, np.ndarray]]:
+        batch = self.read_batch(indices)
+        return [{k: v[i] for k, v in batch.items()} for i in range(len(indices))]
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {k: v[0] for k, v in self.read_batch(np.array([index])).items()}
+
+    def close(self) -> None:
+        """Release the shared memory now (the owner also does this at exit)."""
+        self._arrays.close()
+
+    def __enter__(self) -> H5CachedSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,106 @@
+"""Numpy arrays in one POSIX shared-memory segment, shared with worker processes.
+
+The owner creates the segment through :class:`multiprocessing.shared_memory.SharedMemory`,
+which registers it with Python's resource tracker: if the owner is killed, the tracker
+(a separate process) unlinks it. A normal exit or an exception unlinks it through a
+finalizer. Other processes attach read-only by mapping ``/dev/shm/<name>`` directly,
+so they never register the segment themselves (Python 3.11's attach does, and a
+process that is not the owner would then unlink it when it exits).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import weakref
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+
+from ._errors import DataError
+
+_ALIGN = 64
+
+
+def _unlink(shm: shared_memory.SharedMemory, owner: int) -> None:
+    if os.getpid() != owner:  # a forked child inherits the finalizer; only the owner unlinks
+        return
+    try:
+        shm.unlink()
+    except FileNotFoundError:
+        pass
+
+
+class SharedArrays:
+    """Named arrays in one segment; ``share=False`` keeps them in private memory."""
+
+    def __init__(self, specs: dict[str, tuple[tuple[int, ...], np.dtype]], *, share: bool = True) -> None:
+        self.layout: dict[str, tuple[int, tuple[int, ...], str]] = {}
+        offset = 0
+        for name, (shape, dtype) in specs.items():
+            dtype = np.dtype(dtype)
+            self.layout[name] = (offset, tuple(int(s) for s in shape), dtype.str)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        self.nbytes = offset
+        self.name: str | None = None
+        self._shm = None
+        self._map: Any = None
+        if share:
+            # Created through SharedMemory so the resource tracker knows it, but mapped
+            # by hand: SharedMemory's own buffer refuses to close while numpy views live.
+            self._shm = shared_memory.SharedMemory(create=True, size=max(offset, 1))
+            self._shm.close()
+            self.name = self._shm.name
+            self._finalizer = weakref.finalize(self, _unlink, self._shm, os.getpid())
+            buf = self._map = _map(self.name, max(offset, 1), writable=True)
+        else:
+            buf = bytearray(max(offset, 1))
+        self.arrays = self._views(buf)
+
+    def _views(self, buf) -> dict[str, np.ndarray]:
+        out = {}
+        for name, (offset, shape, dtype) in self.layout.items():
+            count = int(np.prod(shape, dtype=np.int64))
+            out[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
+        return out
+
+    def freeze(self) -> None:
+        """Make the arrays read-only (after loading)."""
+        for arr in self.arrays.values():
+            arr.flags.writeable = False
+
+    def close(self) -> None:
+        """Unlink the segment (owner only) and drop this process's views."""
+        self.arrays = {}
+        if self._shm is not None:
+            self._finalizer()
+            self._shm = None
+        self._map = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.name is None:
+            return {"layout": self.layout, "nbytes": self.nbytes, "name": None, "arrays": self.arrays}
+        return {"layout": self.layout, "nbytes": self.nbytes, "name": self.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.layout, self.nbytes, self.name = state["layout"], state["nbytes"], state["name"]
+        self._shm = None
+        if self.name is None:
+            self.arrays = state["arrays"]
+            return
+        self._map = _map(self.name, max(self.nbytes, 1), writable=False)
+        self.arrays = self._views(self._map)
+
+
+def _map(name: str, size: int, *, writable: bool) -> mmap.mmap:
+    try:
+        fd = os.open(f"/dev/shm/{name}", os.O_RDWR if writable else os.O_RDONLY)
+    except FileNotFoundError as e:
+        raise DataError(f"shared memory {name!r} is gone: the process that loaded the cache has exited") from e
+    try:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
+    finally:
+        os.close(fd)

@@ -1,0 +1,90 @@
+"""LoaderState: the one resume state that every adapter saves and restores."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from ._errors import StateMismatchError
+
+VERSION = 1
+
+
+def describe_source(source: Any) -> str:
+    """The source's own description (its ``describe()`` if it has one, else ``repr``)."""
+    describe = getattr(source, "describe", None)
+    return describe() if callable(describe) else repr(source)
+
+
+def fingerprint(source: Any, sampler: Any) -> str:
+    """SHA-256 (first 16 hex digits) of what decides the batches: data and order."""
+    text = describe_source(source) + "\n" + sampler.describe()
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderState:
+    """Where a loader stands: the next global step to hand out, and what it reads.
+
+    ``to_dict()`` gives a small JSON-serializable dict (the form every adapter saves);
+    ``from_dict()`` reads one back. ``step`` counts batches the *consumer* has taken,
+    never what background workers prefetched.
+    """
+
+    step: int
+    seed: int
+    fingerprint: str
+    source: str
+    sampler: str
+    version: int = VERSION
+
+    @classmethod
+    def create(cls, step: int, source: Any, sampler: Any) -> LoaderState:
+        """The state of a loader over ``source`` and ``sampler`` at ``step``."""
+        return cls(
+            step=int(step),
+            seed=int(sampler.seed),
+            fingerprint=fingerprint(source, sampler),
+            source=describe_source(source),
+            sampler=sampler.describe(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, versioned, JSON-serializable dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any] | LoaderState) -> LoaderState:
+        """Parse a dict made by :meth:`to_dict` (a ``LoaderState`` passes through)."""
+        if isinstance(state, LoaderState):
+            return state
+        if isinstance(state, str | bytes):
+            state = json.loads(state)
+        if not isinstance(state, dict):
+            raise StateMismatchError(f"a loader state must be a dict, got {type(state).__name__}")
+        version = state.get("version")
+        if version != VERSION:
+            raise StateMismatchError(f"loader state version {version!r} is not supported (this Tandem reads {VERSION})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(fields - set(state))
+        if missing:
+            raise StateMismatchError(f"loader state is missing {', '.join(missing)}: {state!r}")
+        return cls(**{k: state[k] for k in fields})
+
+    def check(self, source: Any, sampler: Any) -> int:
+        """Return ``step`` if this state belongs to ``source`` and ``sampler``, else raise.
+
+        The error shows both fingerprints and what each was made from.
+        """
+        mine = fingerprint(source, sampler)
+        if mine != self.fingerprint:
+            raise StateMismatchError(
+                "this loader state was saved for other data or another order; refusing to resume.\n"
+                f"  saved:   {self.fingerprint}\n    source:  {self.source}\n    sampler: {self.sampler}\n"
+                f"  current: {mine}\n    source:  {describe_source(source)}\n    sampler: {sampler.describe()}"
+            )
+        if self.step < 0:
+            raise StateMismatchError(f"loader state has a negative step {self.step}")
+        return self.step
