@@ -105,7 +105,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     bar.close()
     print(
         f"{len(shards)} shard(s), {records} samples: {counts['cached']} index(es) cached and valid, "
-        f"{counts['built']} built, {counts['rebuilt']} rebuilt (stale), {bad} with errors; "
+        f"{counts['built']} built, {counts['rebuilt']} rebuilt (stale or forced), {bad} with errors; "
         f"indexes in {args.index_dir or default_index_dir()}"
     )
     return 1 if bad else 0

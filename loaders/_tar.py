@@ -180,8 +180,8 @@ def load_index(path: str, index_dir: str | None = None, *, rebuild: bool = False
     index_dir = index_dir or default_index_dir()
     st = os.stat(path)
     file = _index_file(path, index_dir)
-    how = "built"
-    if os.path.exists(file) and not rebuild:
+    how = "rebuilt" if os.path.exists(file) else "built"
+    if how == "rebuilt" and not rebuild:
         try:
             with np.load(file, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
@@ -195,7 +195,6 @@ def load_index(path: str, index_dir: str | None = None, *, rebuild: bool = False
                     }, "cached"
         except (OSError, ValueError, KeyError):
             pass
-        how = "rebuilt"
     index = scan_tar(path)
     meta = {"version": INDEX_VERSION, "path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     os.makedirs(index_dir, exist_ok=True)
