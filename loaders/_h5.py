@@ -48,10 +48,15 @@ def _keys_of(f, path: str, keys: str | Sequence[str] | None) -> list[str]:
         raise ValueError(f"{path}: keys is empty")
     for k in keys:
         if k not in f:
-            have = []
-            f.visititems(lambda name, obj: have.append(name) if hasattr(obj, "shape") else None)
+            have = _dataset_names(f)
             raise DataError(f"{path}: no dataset {k!r}; the file has: {', '.join(have) or '(none)'}")
     return keys
+
+
+def _dataset_names(f) -> list[str]:
+    names: list[str] = []
+    f.visititems(lambda name, obj: names.append(name) if hasattr(obj, "shape") else None)
+    return names
 
 
 def _check_lengths(path: str, shapes: Mapping[str, tuple]) -> int:

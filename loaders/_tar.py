@@ -230,9 +230,9 @@ class _NpyLayout:
         else:
             raise DataError(f"{where}: not a valid .npy member (format version {major})")
         try:
-            from numpy.lib.format import descr_to_dtype
-
             import ast
+
+            from numpy.lib.format import descr_to_dtype
 
             d = ast.literal_eval(buf[start : start + hlen].decode("latin1"))
             self.dtype = descr_to_dtype(d["descr"])

@@ -12,11 +12,11 @@ import sys
 import tarfile
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from pathlib import Path
 
 from loaders import DataError, H5CachedSource, H5Source, ShardSpec, TarSource, expand_shards
 from loaders._tar import load_index
@@ -314,7 +314,8 @@ def test_cli_inspect_and_index(wds_shards, h5_path, tmp_path):
     assert f"webdataset tar, {len(wds_shards)} shard(s), 300 records" in out.stdout
     assert "npy                      uint8 [3, 8, 8]" in out.stdout
     first = run("index", "--rebuild", *wds_shards)  # inspect above built them already
-    assert f"{len(wds_shards)} shard(s), 300 samples: 0 index(es) cached and valid, 0 built, {len(wds_shards)} rebuilt" in first.stdout
+    n = len(wds_shards)
+    assert f"{n} shard(s), 300 samples: 0 index(es) cached and valid, 0 built, {n} rebuilt" in first.stdout
     again = run("index", "--verify", *wds_shards)
     assert f"{len(wds_shards)} index(es) cached and valid, 0 built, 0 rebuilt" in again.stdout
     bad = run("index", str(tmp_path / "missing.tar"))

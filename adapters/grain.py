@@ -1,0 +1,184 @@
+"""Grain adapter: a ``grain.MapDataset`` over steps whose elements are whole batches.
+
+Plus the JAX side: split a host batch per local device for ``pmap``, keep batches in
+flight on the devices, and take the shard spec from ``jax.process_index()``.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from loaders import Loader, Sampler, ShardSpec
+
+from ._common import StepCursor, require
+
+grain = require("grain", "Grain")
+
+_ENDLESS = 2**62
+
+
+class _ReadBatch:
+    """``step -> batch``: the one map of the dataset (picklable into Grain workers)."""
+
+    def __init__(self, loader: Loader) -> None:
+        self.loader = loader
+
+    def __call__(self, step: int) -> dict[str, Any]:
+        return self.loader.get_batch(int(step))
+
+
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; a program that never parsed them gets defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class GrainLoader:
+    """Iterate Tandem batches (numpy dicts) through Grain, with Grain's multiprocessing prefetch.
+
+    Args:
+      source, sampler: what to read and in which order (see :class:`loaders.Loader`).
+      worker_count: Grain worker processes (0: read in this process, with threads).
+      worker_buffer_size: batches each worker keeps ready.
+      read_threads, prefetch: Grain ``ReadOptions`` (threads and buffered batches).
+      transform, collate: per-record transform ``fn(record, rng)`` and collate.
+
+    ``dataset`` is the ``grain.MapDataset`` of all steps (element ``s`` = batch ``s``),
+    for users who want to add Grain transformations; iterate this object to get the
+    resumable stream. ``get_state()`` / ``set_state()`` exchange the shared
+    :class:`loaders.LoaderState`, not Grain's per-worker state, so a run may resume
+    with another ``worker_count`` or in the PyTorch adapter.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        sampler: Sampler,
+        *,
+        worker_count: int = 0,
+        worker_buffer_size: int = 2,
+        read_threads: int = 2,
+        prefetch: int = 4,
+        transform: Callable | None = None,
+        collate: Callable | None = None,
+    ) -> None:
+        self.loader = Loader(source, sampler, transform=transform, collate=collate)
+        self.cursor = StepCursor(self.loader)
+        self.worker_count = int(worker_count)
+        self.worker_buffer_size = int(worker_buffer_size)
+        self.read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+        total = sampler.total_steps
+        self.dataset: grain.MapDataset = grain.MapDataset.range(total if total is not None else _ENDLESS).map(
+            _ReadBatch(self.loader)
+        )
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.loader.sampler
+
+    @property
+    def step(self) -> int:
+        """The next global step handed to the consumer."""
+        return self.cursor.step
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return len(self.loader)
+
+    def iter_dataset(self, start: int) -> grain.IterDataset:
+        """The Grain pipeline from global step ``start`` (what ``__iter__`` runs)."""
+        ds = self.dataset[start:].to_iter_dataset(self.read_options)
+        if self.worker_count > 0:
+            _absl_flags_parsed()
+            options = grain.MultiprocessingOptions(
+                num_workers=self.worker_count, per_worker_buffer_size=self.worker_buffer_size
+            )
+            ds = ds.mp_prefetch(options)
+        return ds
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        generation = self.cursor.generation
+        it = iter(self.iter_dataset(self.cursor.step))
+        try:
+            for batch in it:
+                if self.cursor.generation != generation:
+                    return  # restored mid-iteration: a new iter() starts at the restored step
+                self.cursor.step += 1
+                yield batch
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def get_state(self) -> dict[str, Any]:
+        """The shared resume state (JSON-serializable)."""
+        return self.cursor.state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue from a state saved by any Tandem adapter over the same data and order."""
+        self.cursor.restore(state)
+
+    # torchdata-style names too, so a trainer can treat both adapters alike
+    state_dict = get_state
+    load_state_dict = set_state
+
+    def __repr__(self) -> str:
+        return f"GrainLoader({self.loader.source!r}, {self.sampler!r}, worker_count={self.worker_count})"
+
+
+# --------------------------------------------------------------------------- JAX side
+def jax_shard_spec(mode: str = "global") -> ShardSpec:
+    """This JAX process's :class:`ShardSpec` (``jax.process_index()`` of ``jax.process_count()``)."""
+    jax = require("jax", "Grain")
+    return ShardSpec(jax.process_index(), jax.process_count(), mode)
+
+
+def split_for_devices(batch: dict[str, Any], num_devices: int) -> dict[str, Any]:
+    """Reshape each array of a host batch to ``(num_devices, per_device, ...)`` for ``pmap``."""
+    out = {}
+    for k, v in batch.items():
+        if not isinstance(v, np.ndarray):
+            raise TypeError(f"batch key {k!r} is a {type(v).__name__}, not an array: it cannot go to devices")
+        if v.shape[0] % num_devices:
+            raise ValueError(
+                f"batch key {k!r} has {v.shape[0]} records, which do not split over {num_devices} devices: "
+                f"use a per-process batch size that is a multiple of {num_devices}"
+            )
+        out[k] = v.reshape(num_devices, v.shape[0] // num_devices, *v.shape[1:])
+    return out
+
+
+def device_batches(
+    batches: Iterable[dict[str, Any]], *, devices: list | None = None, size: int = 2
+) -> Iterator[dict[str, Any]]:
+    """Split each host batch over the local devices and keep ``size`` batches in flight there.
+
+    Arrays arrive as ``jax.Array`` sharded along their first axis over ``devices``
+    (default ``jax.local_devices()``), ready for ``pmap``.
+    """
+    jax = require("jax", "Grain")
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = list(devices or jax.local_devices())
+    sharding = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
+    queue: collections.deque = collections.deque()
+
+    def put(batch):
+        return jax.device_put(split_for_devices(batch, len(devices)), sharding)
+
+    it = iter(batches)
+    for batch in it:
+        queue.append(put(batch))
+        if len(queue) >= size:
+            break
+    while queue:
+        yield queue.popleft()
+        for batch in it:
+            queue.append(put(batch))
+            break

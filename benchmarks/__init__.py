@@ -1,0 +1,1 @@
+"""Side-by-side measurements against the anchor libraries (run as ``python -m benchmarks.NAME``)."""

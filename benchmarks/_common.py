@@ -1,0 +1,58 @@
+"""Timing helpers shared by the benchmarks: medians of repeats, a table with ratios."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+
+def cache_dir(name: str) -> str:
+    """Where a benchmark keeps the data it generated (reused across runs)."""
+    root = os.environ.get("TANDEM_BENCH_DIR") or os.path.join(os.getcwd(), ".cache", "bench")
+    path = os.path.join(root, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def rate(fn: Callable[[], int], repeats: int) -> float:
+    """Median samples/s of ``fn`` (which returns how many samples it handled)."""
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        n = fn()
+        rates.append(n / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+class Table:
+    """Rows of (what, samples/s, anchor, ratio, target), printed as markdown."""
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.rows: list[dict] = []
+
+    def add(self, name: str, ours: float, anchor_name: str, anchor: float, target: float) -> None:
+        ratio = ours / anchor
+        self.rows.append({"case": name, "ours": ours, "anchor": anchor_name, "anchor_rate": anchor,
+                          "ratio": ratio, "target": target, "met": ratio >= target})
+        print(f"  {name}: {ours:,.0f}/s vs {anchor_name} {anchor:,.0f}/s = {ratio:.2f}x (target >= {target}x)",
+              flush=True)
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| case | Tandem samples/s | anchor | anchor samples/s | ratio | target |",
+                 "|---|---:|---|---:|---:|---:|"]
+        for r in self.rows:
+            mark = "" if r["met"] else " (missed)"
+            lines.append(f"| {r['case']} | {r['ours']:,.0f} | {r['anchor']} | {r['anchor_rate']:,.0f} | "
+                         f"{r['ratio']:.2f}x{mark} | >= {r['target']}x |")
+        return "\n".join(lines)
+
+    def save(self, path: str | None) -> None:
+        print()
+        print(self.markdown())
+        if path:
+            with open(path, "w") as f:
+                json.dump(self.rows, f, indent=1)

@@ -1,0 +1,169 @@
+"""Loaders vs their anchors, on the same files in one run: ``python -m benchmarks.loaders``.
+
+- TarSource, shuffled, vs ``webdataset.WebDataset(...).decode()`` in file order
+  (100k samples of a 3x32x32 uint8 ``.npy`` + ``.cls``).
+- H5Source, full permutation, batch 256, vs per-item ``f["x"][i]`` (1M x 128 float32,
+  1024-row chunks).
+- H5Source, block shuffle, vs a sequential h5py read of the same file.
+- H5CachedSource vs numpy fancy indexing of the same in-memory array.
+
+Data is generated once into ``.cache/bench`` (or ``$TANDEM_BENCH_DIR``). ``--quick``
+uses a tenth of the sizes. Rates are medians of ``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import tempfile
+import warnings
+
+import numpy as np
+
+from loaders import H5CachedSource, H5Source, Loader, Sampler, TarSource
+
+from ._common import Table, cache_dir, rate
+
+BATCH = 256
+
+
+def make_tar(folder: str, n: int) -> list[str]:
+    import webdataset as wds
+
+    pattern = os.path.join(folder, "bench-%06d.tar")
+    done = os.path.join(folder, f"done-{n}")
+    if not os.path.exists(done):
+        for f in os.listdir(folder):
+            os.remove(os.path.join(folder, f))
+        rng = np.random.default_rng(0)
+        print(f"writing {n} samples with webdataset.ShardWriter ...", flush=True)
+        with wds.ShardWriter(pattern, maxcount=10_000, verbose=0, mtime=0) as sink:
+            for i in range(n):
+                sink.write({"__key__": f"s{i:07d}", "npy": rng.integers(0, 256, (3, 32, 32), dtype=np.uint8),
+                            "cls": int(i % 10)})
+        open(done, "w").close()
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".tar"))
+
+
+def make_h5(folder: str, n: int) -> str:
+    import h5py
+
+    path = os.path.join(folder, f"bench-{n}.h5")
+    if not os.path.exists(path):
+        print(f"writing {n} x 128 float32 with h5py ...", flush=True)
+        rng = np.random.default_rng(0)
+        with h5py.File(path + ".tmp", "w") as f:
+            ds = f.create_dataset("x", shape=(n, 128), dtype=np.float32, chunks=(1024, 128))
+            for a in range(0, n, 65536):
+                ds[a : a + 65536] = rng.normal(size=(min(65536, n - a), 128)).astype(np.float32)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def loader_rate(loader: Loader, samples: int) -> int:
+    it = iter(loader)
+    n = 0
+    while n < samples:
+        n += len(next(iter(next(it).values())))
+    return n
+
+
+def bench_tar(table: Table, n: int, repeats: int) -> None:
+    import webdataset as wds
+
+    shards = make_tar(cache_dir("tar"), n)
+    with tempfile.TemporaryDirectory() as index_dir:
+        src = TarSource(shards, index_dir=index_dir)
+        assert len(src) == n
+        loader_samples = n
+
+        def ours():
+            return loader_rate(Loader(src, Sampler(n, BATCH, seed=0, shuffle="full")), loader_samples - BATCH)
+
+        def anchor():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)
+                count = 0
+                for _ in wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode():
+                    count += 1
+                    if count >= min(n, 20_000):
+                        break
+                gc.collect()
+            return count
+
+        ours()  # warm the page cache
+        table.add("TarSource, full shuffle, batch 256", rate(ours, repeats),
+                  "webdataset.WebDataset.decode(), in order", rate(anchor, repeats), 10)
+
+
+def bench_h5(table: Table, n: int, repeats: int) -> None:
+    import h5py
+
+    path = make_h5(cache_dir("h5"), n)
+    with open(path, "rb") as f:  # warm the page cache for every contender alike
+        while f.read(1 << 24):
+            pass
+    src = H5Source(path, keys=["x"])
+    rng = np.random.default_rng(1)
+
+    def per_item():
+        count = min(n, 20_000)
+        with h5py.File(path, "r") as f:
+            ds = f["x"]
+            for i in rng.integers(0, n, count):
+                ds[i]
+        return count
+
+    def full():
+        return loader_rate(Loader(src, Sampler(n, BATCH, seed=0, shuffle="full")), min(n, 500_000))
+
+    table.add("H5Source, full permutation, batch 256", rate(full, repeats),
+              'per-item f["x"][i] (torch __getitem__)', rate(per_item, repeats), 10)
+
+    def block():
+        sampler = Sampler(n, BATCH, seed=0, shuffle="block", blocks=src.block_starts)
+        return loader_rate(Loader(src, sampler), n - BATCH)
+
+    def sequential():
+        with h5py.File(path, "r") as f:
+            ds = f["x"]
+            for a in range(0, n, 65536):
+                ds[a : a + 65536]
+        return n
+
+    table.add("H5Source, block shuffle, batch 256", rate(block, repeats),
+              "sequential h5py read (64k-row slabs)", rate(sequential, repeats), 0.5)
+
+    cached = H5CachedSource(path, keys=["x"])
+    arr = cached.read_batch(np.arange(n))["x"].copy()
+
+    def cached_rate():
+        return loader_rate(Loader(cached, Sampler(n, BATCH, seed=0, shuffle="full")), n - BATCH)
+
+    def numpy_rate():
+        order = np.random.default_rng(0).permutation(n)
+        for a in range(0, n - BATCH + 1, BATCH):
+            arr[order[a : a + BATCH]]
+        return n // BATCH * BATCH
+
+    table.add("H5CachedSource, full shuffle, batch 256", rate(cached_rate, repeats),
+              "numpy fancy indexing, same array", rate(numpy_rate, repeats), 0.5)
+    cached.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a tenth of the data (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    scale = 10 if args.quick else 1
+    table = Table(f"Loaders (python -m benchmarks.loaders{' --quick' if args.quick else ''})")
+    bench_tar(table, 100_000 // scale, args.repeats)
+    bench_h5(table, 1_000_000 // scale, args.repeats)
+    table.save(args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""One state across frameworks: torch and Grain adapters, 0 and 2 workers, every source."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from loaders import H5CachedSource, H5Source, Loader, Sampler, ShardSpec, StateMismatchError, TarSource
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("grain")
+
+from adapters.grain import GrainLoader, split_for_devices  # noqa: E402
+from adapters.torch import TorchLoader, create_dataloader, create_native_atek_dataloader  # noqa: E402
+
+BATCH = 64  # 300 records: 4 steps an epoch, so 7 steps cross an epoch boundary
+STEPS = 7
+ADAPTERS = [("torch", 0), ("torch", 2), ("grain", 0), ("grain", 2)]
+
+
+def source(kind, request):
+    if kind == "tar":
+        return TarSource(request.getfixturevalue("wds_shards"))
+    path = request.getfixturevalue("h5_path")
+    return H5Source(path, keys=["x", "y"]) if kind == "h5" else H5CachedSource(path, keys=["x", "y"])
+
+
+def adapter(framework, workers, src, seed=11):
+    sampler = Sampler(len(src), BATCH, seed=seed, shuffle="full")
+    if framework == "torch":
+        return TorchLoader(src, sampler, num_workers=workers, per_epoch=False)
+    return GrainLoader(src, sampler, worker_count=workers)
+
+
+def numpy_batches(batches):
+    return [{k: np.array(v) for k, v in b.items()} for b in batches]
+
+
+def take(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return numpy_batches(out)
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype, k
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+@pytest.fixture(scope="module")
+def reference_cache():
+    return {}
+
+
+def reference(kind, request, cache):
+    if kind not in cache:
+        src = source(kind, request)
+        loader = Loader(src, Sampler(len(src), BATCH, seed=11, shuffle="full"))
+        cache[kind] = take(loader, STEPS)
+    return cache[kind]
+
+
+@pytest.mark.parametrize("framework,workers", ADAPTERS)
+@pytest.mark.parametrize("kind", ["tar", "h5", "h5_cached"])
+def test_adapters_yield_identical_batches(kind, framework, workers, request, reference_cache):
+    loader = adapter(framework, workers, source(kind, request))
+    got = take(loader, STEPS)
+    assert loader.step == STEPS
+    assert_same(got, reference(kind, request, reference_cache))
+
+
+CROSS = [
+    (("torch", 2), ("grain", 0)),
+    (("grain", 2), ("torch", 0)),
+    (("torch", 2), ("torch", 0)),
+    (("grain", 0), ("grain", 2)),
+]
+
+
+@pytest.mark.parametrize("saver,restorer", CROSS)
+@pytest.mark.parametrize("kind", ["tar", "h5_cached"])
+def test_state_moves_between_frameworks_and_worker_counts(kind, saver, restorer, request, reference_cache):
+    k = 3
+    first = adapter(*saver, source(kind, request))
+    head = take(first, k)
+    state = first.state_dict()
+    assert state["step"] == k  # what the consumer took, whatever the workers prefetched
+    second = adapter(*restorer, source(kind, request))
+    second.load_state_dict(state)
+    assert_same(head + take(second, STEPS - k), reference(kind, request, reference_cache))
+
+
+def test_torch_loader_iterates_one_epoch_per_for_loop(request, reference_cache):
+    src = source("h5", request)
+    loader = TorchLoader(src, Sampler(len(src), BATCH, seed=11), num_workers=2, persistent_workers=True)
+    epochs = [numpy_batches(list(loader)) for _ in range(2)]
+    assert [len(e) for e in epochs] == [4, 4] and loader.step == 8
+    assert_same(epochs[0] + epochs[1][:3], reference("h5", request, reference_cache))
+
+
+def test_torch_batches_are_tensors(request):
+    loader = adapter("torch", 0, source("h5", request))
+    batch = next(iter(loader))
+    assert batch["x"].dtype == torch.uint8 and tuple(batch["x"].shape) == (BATCH, 3, 8, 8)
+    assert batch["y"].dtype == torch.int64
+
+
+def test_restore_mid_iteration_starts_over_at_the_state(request, reference_cache):
+    loader = adapter("torch", 0, source("h5", request))
+    it = iter(loader)
+    next(it)
+    saved = loader.state_dict()
+    next(it)
+    loader.load_state_dict(saved)
+    assert_same(take(loader, 2), reference("h5", request, reference_cache)[1:3])
+
+
+def test_state_from_other_data_is_refused(request):
+    tar = adapter("grain", 0, source("tar", request))
+    take(tar, 1)
+    h5 = adapter("torch", 0, source("h5", request))
+    with pytest.raises(StateMismatchError, match=r"(?s)saved:.*TarSource.*current:.*H5Source"):
+        h5.load_state_dict(tar.get_state())
+    other_seed = adapter("grain", 0, source("tar", request), seed=12)
+    with pytest.raises(StateMismatchError, match="seed=11.*\n.*\n.*\n.*seed=12"):
+        other_seed.set_state(tar.get_state())
+
+
+def test_batch_that_does_not_split_over_devices():
+    with pytest.raises(ValueError, match=r"batch key 'x' has 30 records, which do not split over 4 devices"):
+        split_for_devices({"x": np.zeros((30, 2))}, 4)
+    out = split_for_devices({"x": np.arange(8).reshape(8, 1)}, 4)
+    assert out["x"].shape == (4, 2, 1) and out["x"][3, 1, 0] == 7
+
+
+@pytest.mark.parametrize("module,install", [("torch", "pip install torch==2.13.0"), ("grain", "pip install -e '.[jax]'")])
+def test_missing_framework_names_the_install_command(module, install):
+    code = f"import sys; sys.modules[{module!r}] = None; import adapters.{module}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert f"ImportError: the {'PyTorch' if module == 'torch' else 'Grain'} adapter needs {module}" in out.stderr
+    assert install in out.stderr
+
+
+def test_atek_style_factory(request, records):
+    shards = request.getfixturevalue("wds_shards")
+    loader = create_native_atek_dataloader(
+        shards, dict_key_mapping={"npy": "image", "cls": "label"}, batch_size=10, shuffle_flag=True, num_workers=0
+    )
+    batches = list(loader)
+    # fixed-size batches; drop_last=False pads the last one and marks the padding in "_valid"
+    assert len(batches) == 30 and set(batches[0]) == {"image", "label", "_valid"}
+    labels = sorted(int(v) for b in batches for v in b["label"][b["_valid"]])
+    assert labels == sorted(records[1].tolist())
+    single = create_native_atek_dataloader(shards, data_transform_fn=lambda s: {"cls": s["cls"] + 100})
+    first = next(iter(single))
+    assert first == {"cls": int(records[1][0]) + 100}
+
+
+def test_helios_style_factory(request):
+    src = source("h5", request)
+    loader, sampler = create_dataloader(src, random_seed=5, batch_size=32, shuffle=True, drop_last=True)
+    assert isinstance(sampler, Sampler) and sampler.batch_size == 32 and len(loader) == 9
+    batches = list(loader)
+    assert len(batches) == 9
+    resumed, _ = create_dataloader(src, random_seed=5, batch_size=32, shuffle=True, drop_last=True)
+    resumed.load_state_dict({**loader.state_dict(), "step": 4})
+    assert_same(numpy_batches(list(resumed)), numpy_batches(batches[4:]))
+    with pytest.raises(TypeError, match="sampler must be a loaders.Sampler"):
+        create_dataloader(src, sampler=object())
+
+
+def test_device_batches_on_four_cpu_devices(tmp_path):
+    code = textwrap.dedent(
+        """
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        import jax, numpy as np
+        from adapters.grain import device_batches, jax_shard_spec
+        batches = [{"x": np.full((8, 3), i, np.float32)} for i in range(5)]
+        out = list(device_batches(iter(batches)))
+        assert len(out) == 5 and out[4]["x"].shape == (4, 2, 3)
+        assert [s.device for s in out[0]["x"].addressable_shards] == jax.local_devices()
+        f = jax.pmap(lambda a: jax.lax.psum(a.sum(), "d"), axis_name="d")
+        print(float(f(out[2]["x"])[0]), jax_shard_spec())
+        """
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "48.0 ShardSpec(index=0, count=1, mode='global')"
+
+
+def test_cached_source_in_process_shard(request):
+    path = request.getfixturevalue("h5_path")
+    shard = ShardSpec(1, 2, "interleave")
+    src = H5CachedSource(path, keys=["y"], shard=shard)
+    loader = TorchLoader(src, Sampler(len(src), 16, seed=0, shard=shard), num_workers=2)
+    ys = take(loader, 3)
+    assert all(b["y"].shape == (8,) for b in ys)
+    src.close()
