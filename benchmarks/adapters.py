@@ -1,0 +1,141 @@
+"""Adapters vs plain PyTorch and Grain pipelines, same data, one run: ``python -m benchmarks.adapters``.
+
+- TorchLoader vs a ``DataLoader`` with per-item ``__getitem__`` and default collation,
+  on in-memory and HDF5 data, 0 and 2 workers.
+- GrainLoader vs ``MapDataset.source(...).shuffle(seed).batch(256)`` (0 and 2
+  workers) and vs ``grain.DataLoader`` with an ``IndexSampler`` and a ``Batch``.
+- Each adapter vs the bare ``Loader`` on the same source (overhead), 0 workers.
+
+200k records x 128 float32 (1024-row chunks), batch 256, full shuffle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+from loaders import H5CachedSource, H5Source, Loader, Sampler
+
+from ._common import Table, cache_dir, rate
+from .loaders import make_h5
+
+BATCH = 256
+
+
+def consume(iterable, samples: int) -> int:
+    n = 0
+    for batch in iterable:
+        n += len(next(iter(batch.values())) if isinstance(batch, dict) else batch)
+        if n >= samples:
+            break
+    return n
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    import grain
+    import h5py
+    import torch
+    from absl import flags
+
+    from adapters.grain import GrainLoader
+    from adapters.torch import TorchLoader
+
+    flags.FLAGS.mark_as_parsed()
+    torch.set_num_threads(1)
+    n = 20_000 if args.quick else 200_000
+    path = make_h5(cache_dir("h5"), n)
+    lazy = H5Source(path, keys=["x"])
+    cached = H5CachedSource(path, keys=["x"])
+    array = cached.read_batch(np.arange(n))["x"].copy()
+
+    class ArrayItems(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return {"x": array[i]}
+
+    class H5Items(torch.utils.data.Dataset):  # the common lazily-opened per-item HDF5 dataset
+        def __init__(self):
+            self.f = None
+
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            if self.f is None:
+                self.f = h5py.File(path, "r")
+            return {"x": self.f["x"][i]}
+
+    def sampler():
+        return Sampler(n, BATCH, seed=0, shuffle="full")
+
+    table = Table(f"Adapters (python -m benchmarks.adapters{' --quick' if args.quick else ''})")
+    per_item_samples = {0: min(n, 100_000), 2: min(n, 100_000)}
+    for label, src, items in (("in-memory", cached, ArrayItems), ("HDF5", lazy, H5Items)):
+        for workers in (0, 2):
+            extra = {"persistent_workers": False} if workers else {}
+            samples = n - BATCH if workers or label == "in-memory" else min(n, 100_000)
+
+            def ours(src=src, workers=workers, samples=samples, extra=extra):
+                return consume(TorchLoader(src, sampler(), num_workers=workers, per_epoch=False, **extra), samples)
+
+            budget = per_item_samples[workers] if label == "in-memory" else 10_000
+
+            def plain(items=items, workers=workers, budget=budget):
+                dl = torch.utils.data.DataLoader(items(), batch_size=BATCH, shuffle=True, num_workers=workers,
+                                                 generator=torch.Generator().manual_seed(0))
+                return consume(dl, budget)
+
+            table.add(f"TorchLoader, {label}, {workers} workers", rate(ours, args.repeats),
+                      f"DataLoader per-item __getitem__, {workers} workers", rate(plain, args.repeats), 5)
+
+    for workers in (0, 2):
+        def grain_ours(workers=workers):
+            return consume(GrainLoader(cached, sampler(), worker_count=workers), n - BATCH)
+
+        def grain_plain(workers=workers):
+            ds = grain.MapDataset.source(array).shuffle(seed=0).batch(BATCH)
+            it = ds.to_iter_dataset()
+            if workers:
+                it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+            return consume(it, n - BATCH)
+
+        table.add(f"GrainLoader, in-memory, {workers} workers", rate(grain_ours, args.repeats),
+                  f"MapDataset.source().shuffle().batch(256), {workers} workers", rate(grain_plain, args.repeats), 5)
+
+    def grain_dataloader():
+        dl = grain.DataLoader(
+            data_source=array,
+            sampler=grain.samplers.IndexSampler(n, shard_options=grain.sharding.NoSharding(), shuffle=True,
+                                                num_epochs=1, seed=0),
+            operations=[grain.transforms.Batch(BATCH)],
+            worker_count=0,
+        )
+        return consume(dl, min(n, 10_000))
+
+    table.add("GrainLoader, in-memory, 0 workers", rate(lambda: consume(GrainLoader(cached, sampler()), n - BATCH),
+                                                        args.repeats),
+              "grain.DataLoader + IndexSampler + Batch (default options)", rate(grain_dataloader, args.repeats), 5)
+
+    for label, src in (("in-memory", cached), ("HDF5", lazy)):
+        bare = rate(lambda src=src: consume(Loader(src, sampler()), n - BATCH), args.repeats)
+        torch_rate = rate(lambda src=src: consume(TorchLoader(src, sampler(), per_epoch=False), n - BATCH), args.repeats)
+        grain_rate = rate(lambda src=src: consume(GrainLoader(src, sampler()), n - BATCH), args.repeats)
+        table.add(f"TorchLoader, {label}, 0 workers", torch_rate, "bare Loader (overhead)", bare, 0.9)
+        table.add(f"GrainLoader, {label}, 0 workers", grain_rate, "bare Loader (overhead)", bare, 0.9)
+    cached.close()
+    table.save(args.json)
+    os._exit(0)  # skip interpreter teardown of Grain's worker buffers
+
+
+if __name__ == "__main__":
+    main()

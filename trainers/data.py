@@ -1,0 +1,134 @@
+"""The trainer's data: built-in datasets written once to a cache, sources and adapters from the config."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from loaders import H5CachedSource, H5Source, Loader, Sampler, ShardSpec, TarSource
+
+from .config import DataConfig
+
+MNIST1D_TAR_FIELDS = {"x.npy": "x", "y.cls": "y"}
+
+
+def default_cache_dir() -> str:
+    root = os.environ.get("TANDEM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tandem")
+    return os.path.join(root, "datasets")
+
+
+def _write_h5(path: str, x: np.ndarray, y: np.ndarray) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=x, chunks=(min(len(x), 512), x.shape[1]))
+        f.create_dataset("y", data=y)
+
+
+def _write_tar(path: str, x: np.ndarray, y: np.ndarray, start: int) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for i in range(len(x)):
+            buf = io.BytesIO()
+            np.save(buf, x[i])
+            for name, data in ((f"{start + i:06d}.x.npy", buf.getvalue()), (f"{start + i:06d}.y.cls", str(int(y[i])).encode())):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), 0
+                tf.addfile(info, io.BytesIO(data))
+
+
+def prepare_mnist1d(cache_dir: str | None = None, shard_size: int = 1000) -> dict[str, Any]:
+    """Generate MNIST-1D (4000 train, 1000 test, 40 features) once, as HDF5 and as tar shards.
+
+    Written to a temporary folder and renamed into place, so a killed first run never
+    leaves half a dataset. Returns the paths.
+    """
+    root = os.path.join(cache_dir or default_cache_dir(), "mnist1d")
+    paths = {
+        "h5_train": os.path.join(root, "train.h5"),
+        "h5_eval": os.path.join(root, "test.h5"),
+        "tar_train": os.path.join(root, "train-{000000..000003}.tar"),
+        "tar_eval": os.path.join(root, "test-000000.tar"),
+    }
+    if os.path.exists(os.path.join(root, "DONE")):
+        return paths
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    print(f"generating MNIST-1D into {root} (first use only) ...", flush=True)
+    data = make_dataset(get_dataset_args())
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".mnist1d-", dir=os.path.dirname(root))
+    x, y = data["x"].astype(np.float32), data["y"].astype(np.int64)
+    xt, yt = data["x_test"].astype(np.float32), data["y_test"].astype(np.int64)
+    _write_h5(os.path.join(tmp, "train.h5"), x, y)
+    _write_h5(os.path.join(tmp, "test.h5"), xt, yt)
+    for s in range(0, len(x), shard_size):
+        _write_tar(os.path.join(tmp, f"train-{s // shard_size:06d}.tar"), x[s : s + shard_size], y[s : s + shard_size], s)
+    _write_tar(os.path.join(tmp, "test-000000.tar"), xt, yt, 0)
+    open(os.path.join(tmp, "DONE"), "w").close()
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+def _paths(cfg: DataConfig) -> tuple[Any, Any]:
+    if cfg.dataset is None:
+        if cfg.train is None:
+            raise ValueError("data.train is not set: give a path (or set data.dataset: mnist1d)")
+        return cfg.train, cfg.eval
+    if cfg.dataset != "mnist1d":
+        raise ValueError(f"unknown built-in dataset {cfg.dataset!r} (known: mnist1d); or set data.train paths")
+    p = prepare_mnist1d(cfg.cache_dir)
+    kind = "tar" if cfg.source == "tar" else "h5"
+    return (cfg.train or p[f"{kind}_train"]), (cfg.eval or p[f"{kind}_eval"])
+
+
+def _source(cfg: DataConfig, path: Any, shard: ShardSpec | None) -> Any:
+    if cfg.source == "tar":
+        rename = cfg.key_mapping
+        keys = cfg.keys
+        if cfg.dataset == "mnist1d" and rename is None:
+            rename, keys = MNIST1D_TAR_FIELDS, list(MNIST1D_TAR_FIELDS)
+        return TarSource(path, keys=keys or (list(rename) if rename else None), rename=rename)
+    if cfg.source == "h5_cached":
+        return H5CachedSource(path, keys=cfg.keys, rename=cfg.key_mapping, shard=shard)
+    return H5Source(path, keys=cfg.keys, rename=cfg.key_mapping)
+
+
+def build_sources(cfg: DataConfig, shard: ShardSpec) -> tuple[Any, Any | None]:
+    """The training source (this process's part for ``h5_cached``) and the evaluation source."""
+    train_path, eval_path = _paths(cfg)
+    train = _source(cfg, train_path, shard)
+    evaluation = _source(cfg, eval_path, None) if eval_path is not None else None
+    return train, evaluation
+
+
+def train_batches(cfg: DataConfig, source: Any, sampler: Sampler):
+    """The resumable training stream through the configured adapter."""
+    if cfg.adapter == "torch":
+        from adapters.torch import TorchLoader
+
+        return TorchLoader(source, sampler, num_workers=cfg.workers, per_epoch=False)
+    from adapters.grain import GrainLoader
+
+    return GrainLoader(source, sampler, worker_count=cfg.workers)
+
+
+def to_numpy(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Tensors (torch adapter) or arrays (Grain) as plain numpy."""
+    return {k: v.numpy() if hasattr(v, "numpy") and not isinstance(v, np.ndarray) else np.asarray(v)
+            for k, v in batch.items()}
+
+
+def eval_loader(cfg: DataConfig, source: Any, batch_size: int) -> Loader:
+    """Every evaluation record once, in file order, padded batches masked by ``_valid``."""
+    size = min(batch_size, len(source))
+    sampler = Sampler(len(source), size, shuffle=False, drop_remainder=False, num_epochs=1)
+    return Loader(source, sampler, prefetch=2)

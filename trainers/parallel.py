@@ -1,0 +1,50 @@
+"""Everything about devices, in one file: pmap over local devices, replicate, unreplicate.
+
+A later move to ``jit`` with shardings touches only this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+AXIS = "devices"
+
+
+def local_devices(count: int | None = None) -> list:
+    devices = jax.local_devices()
+    if count is None:
+        return devices
+    if not 1 <= count <= len(devices):
+        raise ValueError(f"train.devices={count}, but this process has {len(devices)} local device(s)")
+    return devices[:count]
+
+
+def replicate(tree: Any, devices: list) -> Any:
+    """A copy of ``tree`` on every device (leading axis = device), as pmap expects."""
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))).copy(), tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """Device 0's copy of a replicated tree, on the host."""
+    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+
+
+def pmapped(fn: Callable, devices: list, donate: tuple[int, ...] = ()) -> Callable:
+    """``fn`` run on every device, collectives over the axis named ``AXIS``."""
+    return jax.pmap(fn, axis_name=AXIS, devices=devices, donate_argnums=donate)
+
+
+def pmean(tree: Any) -> Any:
+    return jax.lax.pmean(tree, AXIS)
+
+
+def psum(tree: Any) -> Any:
+    return jax.lax.psum(tree, AXIS)
+
+
+def device_index() -> jax.Array:
+    return jax.lax.axis_index(AXIS)

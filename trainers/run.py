@@ -1,0 +1,56 @@
+"""``python -m trainers.run CONFIG.yaml [dotted.key=value ...] [--workdir DIR] [--fresh]``.
+
+Parses the command line and calls :func:`trainers.train.train_and_evaluate`; nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainers.run",
+        description="Train a Tandem config. Running again in the same workdir resumes from its latest checkpoint.",
+    )
+    parser.add_argument("config", help="YAML config file (may 'extends: base.yaml')")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=100 data.adapter=torch")
+    parser.add_argument("--workdir", default=None, help="run folder (default: runs/<config name>)")
+    parser.add_argument("--fresh", action="store_true", help="ignore and delete this workdir's checkpoints; start over")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    from .config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # Grain's workers read absl flags
+    from .train import train_and_evaluate
+
+    try:
+        summary = train_and_evaluate(config, workdir, fresh=args.fresh, progress=not args.no_progress)
+    except (FloatingPointError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if summary.get("interrupted"):
+        return 0
+    ev = ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items())
+    print(f"done: {summary['steps']} steps in {summary['wall_time_s']} s; {ev}")
+    print(f"params sha256 {summary['params_sha256']}")
+    print(f"wrote {os.path.join(summary['workdir'], 'summary.json')}, metrics.jsonl, config.yaml, checkpoints/")
+    print(json.dumps({"summary": os.path.join(summary["workdir"], "summary.json")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
