@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "devices"
 
@@ -23,9 +24,16 @@ def local_devices(count: int | None = None) -> list:
     return devices[:count]
 
 
+def sharding(devices: list) -> NamedSharding:
+    """Arrays split along their first axis, one slice per device: what pmap takes and returns."""
+    return NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
+
+
 def replicate(tree: Any, devices: list) -> Any:
-    """A copy of ``tree`` on every device (leading axis = device), as pmap expects."""
-    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))).copy(), tree)
+    """A copy of ``tree`` on every device (leading axis = device), placed as pmap places its outputs,
+    so the first step and every later one see the same input shardings (one compilation)."""
+    stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))).copy(), tree)
+    return jax.device_put(stacked, sharding(devices))
 
 
 def unreplicate(tree: Any) -> Any:

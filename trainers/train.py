@@ -27,7 +27,7 @@ import yaml
 from flax import nnx
 
 from adapters.grain import device_batches
-from loaders import Sampler, ShardSpec
+from loaders import LoaderState, Sampler, ShardSpec
 
 from . import checkpoints, parallel
 from .config import Config, OptimizerConfig, ScheduleConfig
@@ -243,7 +243,11 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
         return {f"eval_{k}": v / count for k, v in sums.items()}
 
     def save(step: int) -> None:
-        checkpoints.save(mgr, step, parallel.unreplicate(state_r), batches.state_dict(), resolved)
+        # The device prefetcher has pulled batches past ``step`` from the adapter; the
+        # position to resume from is the step the model has trained on, in the same
+        # shared format the adapters produce.
+        loader_state = LoaderState.create(step, train_src, sampler).to_dict()
+        checkpoints.save(mgr, step, parallel.unreplicate(state_r), loader_state, resolved)
 
     bar = _progress(total, start, progress)
     pending: list[tuple[int, Any]] = []

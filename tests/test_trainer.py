@@ -1,0 +1,207 @@
+"""The trainer: devices, compilation, outputs, errors, and bit-for-bit resume after SIGKILL / SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytest.importorskip("jax")
+pytest.importorskip("grain")
+pytest.importorskip("torch")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MLP = os.path.join(ROOT, "configs", "mnist1d_mlp.yaml")
+
+
+@pytest.fixture(scope="session")
+def mnist1d_dir(tmp_path_factory):
+    from trainers.data import prepare_mnist1d
+
+    root = str(tmp_path_factory.mktemp("datasets"))
+    prepare_mnist1d(root)
+    return root
+
+
+def env(devices: int = 1) -> dict[str, str]:
+    out = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return out
+
+
+def command(workdir, cache, *overrides, config=MLP):
+    return [sys.executable, "-m", "trainers.run", config, f"data.cache_dir={cache}", *overrides,
+            "--workdir", str(workdir), "--no-progress"]
+
+
+def run(workdir, cache, *overrides, devices=1, config=MLP, check=True):
+    out = subprocess.run(command(workdir, cache, *overrides, config=config), capture_output=True, text=True,
+                         env=env(devices), cwd=ROOT, timeout=600)
+    if check:
+        assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def summary(workdir) -> dict:
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return json.load(f)
+
+
+def test_parallel_step_on_1_and_4_devices():
+    """Parameters are identical on every device after a step, and the step traces once."""
+    code = textwrap.dedent(
+        """
+        import jax, numpy as np
+        from flax import nnx
+        from trainers import parallel
+        from trainers.config import OptimizerConfig, ScheduleConfig
+        from trainers.losses import build_loss
+        from trainers.models import build_model
+        from trainers.train import TRACES, make_optimizer, make_schedule, make_train_step
+        for n in (1, 4):
+            TRACES.clear()
+            devices = parallel.local_devices(n)
+            graphdef, params = nnx.split(build_model("mlp", {}, (40,), 0))
+            tx = make_optimizer(OptimizerConfig(name="adam"), make_schedule(ScheduleConfig(lr=1e-2), 10))
+            state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params),
+                     "rng": np.asarray(jax.random.PRNGKey(0))}
+            state = parallel.replicate(jax.tree.map(np.asarray, state), devices)
+            step = parallel.pmapped(make_train_step(graphdef, tx, build_loss("cross_entropy", {}), True), devices,
+                                    donate=(0,))
+            rng = np.random.default_rng(0)
+            for _ in range(3):  # every device gets different data
+                batch = {"x": rng.normal(size=(n, 8, 40)).astype(np.float32), "y": rng.integers(0, 10, (n, 8))}
+                state, metrics = step(state, batch)
+            leaves = jax.tree.leaves(jax.device_get(state["params"]))
+            same = all(np.array_equal(leaf[i], leaf[0]) for leaf in leaves for i in range(n))
+            print(n, TRACES["train_step"], same, int(state["step"][0]), len(leaves[0]))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(4), cwd=ROOT,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["1 1 True 3 1", "4 1 True 3 4"]
+
+
+def test_run_writes_outputs_and_trains_on_4_devices(tmp_path, mnist1d_dir):
+    work = tmp_path / "run"
+    run(work, mnist1d_dir, "train.steps=60", "train.eval_every=30", "train.checkpoint_every=20",
+        "train.log_every=10", "train.devices=4", devices=4)
+    s = summary(work)
+    assert s["steps"] == 60 and s["devices"] == 4 and 0.0 <= s["accuracy"] <= 1.0
+    assert len(s["params_sha256"]) == 64 and set(s["eval"]) == {"eval_loss", "eval_accuracy"}
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "lr" in r]
+    assert [r["step"] for r in train_rows] == [10, 20, 30, 40, 50, 60]
+    assert {"loss", "accuracy", "lr", "samples_per_s", "data_wait_share"} <= set(train_rows[0])
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [30, 60]
+    assert sorted(os.listdir(work / "checkpoints")) == ["20", "40", "60"]
+    config = (work / "config.yaml").read_text()
+    assert "devices: 4" in config and "steps: 60" in config
+    ckpt = work / "checkpoints" / "60"
+    assert json.loads((ckpt / "config" / "metadata").read_text())["train"]["devices"] == 4
+    assert json.loads((ckpt / "loader" / "metadata").read_text())["step"] == 60
+    assert "jax" in json.loads((ckpt / "versions" / "metadata").read_text())
+
+
+def test_vae_reports_its_loss_terms(tmp_path, mnist1d_dir):
+    config = os.path.join(ROOT, "configs", "mnist1d_vae.yaml")
+    out = run(tmp_path / "vae", mnist1d_dir, "train.steps=40", "train.eval_every=20", config=config)
+    s = summary(tmp_path / "vae")
+    assert set(s["eval"]) == {"eval_loss", "eval_recon", "eval_kl"} and s["accuracy"] is None
+    assert abs(s["eval"]["eval_loss"] - s["eval"]["eval_recon"] - s["eval"]["eval_kl"]) < 1e-3
+    assert "eval_kl" in out.stdout
+
+
+def test_non_finite_loss_names_the_step(tmp_path, mnist1d_dir):
+    out = run(tmp_path / "nan", mnist1d_dir, "optimizer.name=sgd", "optimizer.kwargs={}", "schedule.lr=1e30",
+              "train.steps=50", check=False)
+    assert out.returncode == 1
+    assert "error: non-finite loss" in out.stderr and "at step " in out.stderr
+
+
+def test_config_errors_exit_2(tmp_path, mnist1d_dir):
+    out = run(tmp_path / "x", mnist1d_dir, "train.stpes=3", check=False)
+    assert out.returncode == 2 and "did you mean train.'steps'?" in out.stderr
+    out = run(tmp_path / "x", mnist1d_dir, "data.batch_size=30", "train.devices=4", devices=4, check=False)
+    assert out.returncode == 1 and "do not split over 4 local devices" in out.stderr
+
+
+# --------------------------------------------------------------------------- resume
+RESUME = ["train.steps=1500", "train.checkpoint_every=25", "train.eval_every=500", "train.log_every=25",
+          "data.batch_size=64"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, mnist1d_dir):
+    work = tmp_path_factory.mktemp("reference")
+    run(work, mnist1d_dir, *RESUME)
+    return summary(work)["params_sha256"]
+
+
+def _wait_for_checkpoint(work, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    ckpts = os.path.join(work, "checkpoints")
+    while time.monotonic() < deadline:
+        if os.path.isdir(ckpts) and any(name.isdigit() for name in os.listdir(ckpts)):
+            return
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter,workers", [("grain", 0), ("grain", 2), ("torch", 0), ("torch", 2)])
+def test_sigkill_then_same_command_ends_with_the_same_weights(tmp_path, mnist1d_dir, uninterrupted, adapter, workers):
+    work = tmp_path / "killed"
+    cmd = command(work, mnist1d_dir, *RESUME, f"data.adapter={adapter}", f"data.workers={workers}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env(), cwd=ROOT)
+    _wait_for_checkpoint(work, proc)
+    delay = random.Random().uniform(0.0, 1.5)
+    time.sleep(delay)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    log = proc.communicate(timeout=60)[0].decode()
+    assert killed, f"the run finished before the kill ({delay:.2f} s after its first checkpoint)\n{log}"
+    assert not os.path.exists(work / "summary.json")
+    again = run(work, mnist1d_dir, *RESUME, f"data.adapter={adapter}", f"data.workers={workers}")
+    assert "resumed from" in again.stdout
+    assert summary(work)["params_sha256"] == uninterrupted, f"killed {delay:.2f} s after the first checkpoint"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_current_step_and_resumes(tmp_path, mnist1d_dir, uninterrupted):
+    work = tmp_path / "term"
+    cmd = command(work, mnist1d_dir, *RESUME, "train.checkpoint_every=1000")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env(), cwd=ROOT, text=True)
+    deadline = time.monotonic() + 120
+    while not (work / "metrics.jsonl").exists() or not (work / "metrics.jsonl").read_text().strip():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log
+    assert "SIGTERM: saved a checkpoint at step" in log
+    step = int(log.split("saved a checkpoint at step ")[1].split(";")[0])
+    assert 0 < step < 1500 and os.listdir(work / "checkpoints") == [str(step)]
+    again = run(work, mnist1d_dir, *RESUME, "train.checkpoint_every=1000")
+    assert f"at step {step}" in again.stdout
+    assert summary(work)["params_sha256"] == uninterrupted
+
+
+def test_fresh_flag_starts_over(tmp_path, mnist1d_dir):
+    work = tmp_path / "fresh"
+    run(work, mnist1d_dir, "train.steps=20", "train.checkpoint_every=10")
+    again = run(work, mnist1d_dir, "train.steps=30", "train.checkpoint_every=10")
+    assert "resumed from" in again.stdout and "at step 20" in again.stdout
+    cmd = command(work, mnist1d_dir, "train.steps=20", "train.checkpoint_every=10") + ["--fresh"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert out.returncode == 0 and "resumed" not in out.stdout
+    assert summary(work)["steps"] == 20
