@@ -6,7 +6,8 @@ flight on the devices, and take the shard spec from ``jax.process_index()``.
 
 from __future__ import annotations
 
-import collections
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -46,7 +47,10 @@ class GrainLoader:
       source, sampler: what to read and in which order (see :class:`loaders.Loader`).
       worker_count: Grain worker processes (0: read in this process, with threads).
       worker_buffer_size: batches each worker keeps ready.
-      read_threads, prefetch: Grain ``ReadOptions`` (threads and buffered batches).
+      read_threads, prefetch: Grain ``ReadOptions``: threads reading ahead, and how many
+        batches they buffer. 0 (the default) reads on demand: a whole-batch read is tens
+        of microseconds, less than a thread hand-off costs, and the trainer's device
+        prefetcher already reads ahead in its own thread.
       transform, collate: per-record transform ``fn(record, rng)`` and collate.
 
     ``dataset`` is the ``grain.MapDataset`` of all steps (element ``s`` = batch ``s``),
@@ -63,8 +67,8 @@ class GrainLoader:
         *,
         worker_count: int = 0,
         worker_buffer_size: int = 2,
-        read_threads: int = 2,
-        prefetch: int = 4,
+        read_threads: int = 0,
+        prefetch: int = 0,
         transform: Callable | None = None,
         collate: Callable | None = None,
     ) -> None:
@@ -159,26 +163,51 @@ def device_batches(
 ) -> Iterator[dict[str, Any]]:
     """Split each host batch over the local devices and keep ``size`` batches in flight there.
 
-    Arrays arrive as ``jax.Array`` sharded along their first axis over ``devices``
-    (default ``jax.local_devices()``), ready for ``pmap``.
+    A background thread pulls host batches and copies them to the devices, so the
+    training loop only waits when the data really is late. Arrays arrive as
+    ``jax.Array`` sharded along their first axis over ``devices`` (default
+    ``jax.local_devices()``), ready for ``pmap``. Errors from the host iterator are
+    raised here, in order.
     """
     jax = require("jax", "Grain")
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     devices = list(devices or jax.local_devices())
     sharding = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
-    queue: collections.deque = collections.deque()
+    ready: queue.Queue = queue.Queue(maxsize=max(1, size))
+    done = object()
+    stop = threading.Event()
 
-    def put(batch):
-        return jax.device_put(split_for_devices(batch, len(devices)), sharding)
+    def fill() -> None:
+        try:
+            for batch in batches:
+                if stop.is_set():
+                    return
+                item = jax.device_put(split_for_devices(batch, len(devices)), sharding)
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(done)
+        except BaseException as e:  # handed to the consumer
+            ready.put(e)
 
-    it = iter(batches)
-    for batch in it:
-        queue.append(put(batch))
-        if len(queue) >= size:
-            break
-    while queue:
-        yield queue.popleft()
-        for batch in it:
-            queue.append(put(batch))
-            break
+    thread = threading.Thread(target=fill, name="tandem-device-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        # Wait for the thread to leave JAX and the adapter: a daemon thread still inside
+        # native code when the interpreter exits aborts the process.
+        thread.join(timeout=30)

@@ -64,6 +64,11 @@ class _Steps(torch.utils.data.Sampler):
         return max(0, end - self.cursor.step)
 
 
+def _already_collated(batch: dict[str, Any]) -> dict[str, Any]:
+    """Items are whole batches, already tensors: nothing for the DataLoader to convert."""
+    return batch
+
+
 def _seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     seed = info.seed % 2**32
@@ -119,7 +124,7 @@ class TorchLoader:
             batch_size=None,
             sampler=_Steps(self.cursor, per_epoch),
             num_workers=num_workers,
-            collate_fn=None,
+            collate_fn=_already_collated,
             pin_memory=pin_memory,
             persistent_workers=persistent_workers and num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,

@@ -162,12 +162,14 @@ def _wait_for_checkpoint(work, proc, timeout=120.0):
 def test_sigkill_then_same_command_ends_with_the_same_weights(tmp_path, mnist1d_dir, uninterrupted, adapter, workers):
     work = tmp_path / "killed"
     cmd = command(work, mnist1d_dir, *RESUME, f"data.adapter={adapter}", f"data.workers={workers}")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env(), cwd=ROOT)
+    # its own process group, so the kill takes its data workers too, as a preempted job's would
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env(), cwd=ROOT,
+                            start_new_session=True)
     _wait_for_checkpoint(work, proc)
     delay = random.Random().uniform(0.0, 1.5)
     time.sleep(delay)
     killed = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     log = proc.communicate(timeout=60)[0].decode()
     assert killed, f"the run finished before the kill ({delay:.2f} s after its first checkpoint)\n{log}"
     assert not os.path.exists(work / "summary.json")

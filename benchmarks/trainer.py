@@ -1,0 +1,124 @@
+"""The trainer vs a minimal hand-written pmap loop, and its data-wait share: ``python -m benchmarks.trainer``.
+
+Same model (the default config's 1-D CNN), optimizer, step function and batches:
+
+- steps/s of ``train_and_evaluate`` (measured from its own ``metrics.jsonl``, after
+  the first logging window, so compilation is left out) vs a loop that feeds the
+  same batches from device memory (goal >= 0.95x);
+- the share of the loop's time spent waiting for data, Grain and torch adapters,
+  reading HDF5 and tar shards (goal <= 5%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+
+def _windows(metrics_path: str, batch: int) -> tuple[float, float]:
+    """(steps/s, data-wait share) over the logging windows after the first."""
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if '"lr"' in line]
+    rows = rows[1:]
+    steps = np.diff([0] + [r["step"] for r in rows])[1:] if len(rows) > 1 else np.array([rows[0]["step"]])
+    rows = rows[-len(steps):]
+    secs = np.array([s * batch / r["samples_per_s"] for s, r in zip(steps, rows, strict=True)])
+    wait = np.array([r["data_wait_share"] for r in rows])
+    return float(steps.sum() / secs.sum()), float((wait * secs).sum() / secs.sum())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "mnist1d_cnn.yaml"))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()
+    import jax
+    from flax import nnx
+
+    from loaders import Loader, Sampler
+    from trainers import parallel
+    from trainers.config import load_config
+    from trainers.data import build_sources
+    from trainers.losses import build_loss
+    from trainers.models import build_model, takes_rng
+    from trainers.train import make_optimizer, make_schedule, make_train_step, train_and_evaluate
+
+    common = [f"train.steps={args.steps}", f"train.eval_every={10 * args.steps}",
+              f"train.checkpoint_every={10 * args.steps}", "train.log_every=100"]
+    results = []
+    print(f"devices: {jax.local_devices()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        for adapter in ("grain", "torch"):
+            for source in ("h5", "tar"):
+                config = load_config(args.config, [*common, f"data.adapter={adapter}", f"data.source={source}"])
+                work = os.path.join(tmp, f"{adapter}-{source}")
+                train_and_evaluate(config, work, progress=False)
+                runs[(adapter, source)] = _windows(os.path.join(work, "metrics.jsonl"), config.data.batch_size)
+                print(f"  train_and_evaluate, {adapter} adapter, {source}: {runs[(adapter, source)][0]:,.0f} steps/s, "
+                      f"data wait {100 * runs[(adapter, source)][1]:.1f}%", flush=True)
+
+        # The hand-written loop: same model, step and batches, fed from device memory.
+        config = load_config(args.config, common)
+        devices = parallel.local_devices(config.train.devices)
+        train_src, _ = build_sources(config.data, parallel_shard())
+        sampler = Sampler(len(train_src), config.data.batch_size, seed=config.seed, shuffle=config.data.shuffle)
+        loader = Loader(train_src, sampler)
+        host = [{"x": b["x"], "y": b["y"]} for _, b in zip(range(args.steps), loader, strict=False)]
+        model = build_model(config.model.name, config.model.kwargs, host[0]["x"].shape[1:], config.seed)
+        graphdef, params = nnx.split(model)
+        tx = make_optimizer(config.optimizer, make_schedule(config.schedule, args.steps))
+        state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params),
+                 "rng": np.asarray(jax.random.PRNGKey(0))}
+        state = parallel.replicate(jax.tree.map(np.asarray, state), devices)
+        step = parallel.pmapped(make_train_step(graphdef, tx, build_loss(config.loss.name, config.loss.kwargs),
+                                                takes_rng(model)), devices, donate=(0,))
+        from adapters.grain import split_for_devices
+
+        placed = [jax.device_put(split_for_devices(b, len(devices)), parallel.sharding(devices)) for b in host]
+        state, m = step(state, placed[0])  # compile
+        jax.device_get(m)
+        t = time.perf_counter()
+        for i, batch in enumerate(placed[1:], 1):
+            state, m = step(state, batch)
+            if i % 100 == 0:
+                jax.device_get(m)  # the trainer syncs at every log window too
+        jax.device_get(m)
+        hand = (len(placed) - 1) / (time.perf_counter() - t)
+        print(f"  hand-written pmap loop from memory: {hand:,.0f} steps/s", flush=True)
+
+    lines = ["### Trainer (python -m benchmarks.trainer)", "",
+             "| case | steps/s | vs hand-written loop (goal >= 0.95x) | data-wait share (goal <= 5%) |",
+             "|---|---:|---:|---:|"]
+    lines.append(f"| hand-written pmap loop, batches in device memory | {hand:,.0f} | 1.00x | - |")
+    for (adapter, source), (sps, wait) in runs.items():
+        lines.append(f"| train_and_evaluate, {adapter} adapter, {source} | {sps:,.0f} | {sps / hand:.2f}x | "
+                     f"{100 * wait:.1f}% |")
+        results.append({"adapter": adapter, "source": source, "steps_per_s": sps, "ratio": sps / hand,
+                        "data_wait_share": wait})
+    print()
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"hand_steps_per_s": hand, "runs": results}, f, indent=1)
+    os._exit(0)  # skip interpreter teardown of Grain's worker buffers
+
+
+def parallel_shard():
+    from loaders import ShardSpec
+
+    return ShardSpec()
+
+
+if __name__ == "__main__":
+    main()
