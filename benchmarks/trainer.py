@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "mnist1d_cnn.yaml"))
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each case; medians are reported")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -62,9 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         for adapter in ("grain", "torch"):
             for source in ("h5", "tar"):
                 config = load_config(args.config, [*common, f"data.adapter={adapter}", f"data.source={source}"])
-                work = os.path.join(tmp, f"{adapter}-{source}")
-                train_and_evaluate(config, work, progress=False)
-                runs[(adapter, source)] = _windows(os.path.join(work, "metrics.jsonl"), config.data.batch_size)
+                measured = []
+                for r in range(args.repeats):
+                    work = os.path.join(tmp, f"{adapter}-{source}-{r}")
+                    train_and_evaluate(config, work, progress=False)
+                    measured.append(_windows(os.path.join(work, "metrics.jsonl"), config.data.batch_size))
+                runs[(adapter, source)] = tuple(np.median(np.array(measured), axis=0))
                 print(f"  train_and_evaluate, {adapter} adapter, {source}: {runs[(adapter, source)][0]:,.0f} steps/s, "
                       f"data wait {100 * runs[(adapter, source)][1]:.1f}%", flush=True)
 
@@ -88,13 +92,16 @@ def main(argv: list[str] | None = None) -> None:
         placed = [jax.device_put(split_for_devices(b, len(devices)), parallel.sharding(devices)) for b in host]
         state, m = step(state, placed[0])  # compile
         jax.device_get(m)
-        t = time.perf_counter()
-        for i, batch in enumerate(placed[1:], 1):
-            state, m = step(state, batch)
-            if i % 100 == 0:
-                jax.device_get(m)  # the trainer syncs at every log window too
-        jax.device_get(m)
-        hand = (len(placed) - 1) / (time.perf_counter() - t)
+        hands = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            for i, batch in enumerate(placed[1:], 1):
+                state, m = step(state, batch)
+                if i % 100 == 0:
+                    jax.device_get(m)  # the trainer syncs at every log window too
+            jax.device_get(m)
+            hands.append((len(placed) - 1) / (time.perf_counter() - t))
+        hand = float(np.median(hands))
         print(f"  hand-written pmap loop from memory: {hand:,.0f} steps/s", flush=True)
 
     lines = ["### Trainer (python -m benchmarks.trainer)", "",

@@ -211,3 +211,12 @@ def test_cached_source_in_process_shard(request):
     ys = take(loader, 3)
     assert all(b["y"].shape == (8,) for b in ys)
     src.close()
+
+
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_torch_workers_under_spawn_and_forkserver(context, request, reference_cache):
+    """Sources pickle into spawned workers without an init hook; batches are unchanged."""
+    src = source("h5", request)
+    loader = TorchLoader(src, Sampler(len(src), BATCH, seed=11, shuffle="full"), num_workers=2,
+                         multiprocessing_context=context, per_epoch=False, prefetch_factor=2)
+    assert_same(take(loader, STEPS), reference("h5", request, reference_cache))

@@ -6,7 +6,6 @@ Parses the command line and calls :func:`trainers.train.train_and_evaluate`; not
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -48,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done: {summary['steps']} steps in {summary['wall_time_s']} s; {ev}")
     print(f"params sha256 {summary['params_sha256']}")
     print(f"wrote {os.path.join(summary['workdir'], 'summary.json')}, metrics.jsonl, config.yaml, checkpoints/")
-    print(json.dumps({"summary": os.path.join(summary["workdir"], "summary.json")}))
     return 0
 
 
