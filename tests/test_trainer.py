@@ -93,7 +93,7 @@ def test_parallel_step_on_1_and_4_devices():
 def test_run_writes_outputs_and_trains_on_4_devices(tmp_path, mnist1d_dir):
     work = tmp_path / "run"
     run(work, mnist1d_dir, "train.steps=60", "train.eval_every=30", "train.checkpoint_every=20",
-        "train.log_every=10", "train.devices=4", devices=4)
+        "train.log_every=10", "train.devices=4", "train.keep_checkpoints=2", devices=4)
     s = summary(work)
     assert s["steps"] == 60 and s["devices"] == 4 and 0.0 <= s["accuracy"] <= 1.0
     assert len(s["params_sha256"]) == 64 and set(s["eval"]) == {"eval_loss", "eval_accuracy"}
@@ -102,13 +102,68 @@ def test_run_writes_outputs_and_trains_on_4_devices(tmp_path, mnist1d_dir):
     assert [r["step"] for r in train_rows] == [10, 20, 30, 40, 50, 60]
     assert {"loss", "accuracy", "lr", "samples_per_s", "data_wait_share"} <= set(train_rows[0])
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [30, 60]
-    assert sorted(os.listdir(work / "checkpoints")) == ["20", "40", "60"]
+    assert sorted(os.listdir(work / "checkpoints")) == ["40", "60"]  # the last 2 kept
     config = (work / "config.yaml").read_text()
     assert "devices: 4" in config and "steps: 60" in config
     ckpt = work / "checkpoints" / "60"
     assert json.loads((ckpt / "config" / "metadata").read_text())["train"]["devices"] == 4
     assert json.loads((ckpt / "loader" / "metadata").read_text())["step"] == 60
     assert "jax" in json.loads((ckpt / "versions" / "metadata").read_text())
+
+
+def test_user_model_and_loss_by_import_path(tmp_path, mnist1d_dir):
+    run(tmp_path / "user", mnist1d_dir, "model.name=tests.custom_model:Linear", "model.kwargs={classes: 10}",
+        "loss.name=tests.custom_model:squared_hinge", "train.steps=30", "train.eval_every=1000")
+    s = summary(tmp_path / "user")
+    assert set(s["eval"]) == {"eval_loss", "eval_accuracy"} and s["steps"] == 30
+    out = run(tmp_path / "bad", mnist1d_dir, "model.name=tests.custom_model:Nope", "train.steps=3", check=False)
+    assert out.returncode == 1 and "'tests.custom_model' has no attribute 'Nope'" in out.stderr
+
+
+def test_built_in_models_losses_and_schedules():
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from trainers.config import ScheduleConfig
+        from trainers.losses import build_loss
+        from trainers.models import build_model
+        from trainers.train import make_schedule
+        key = jax.random.PRNGKey(0)
+        cases = [("mlp", {}, (40,)), ("cnn1d", {}, (40,)), ("cnn2d", {"channels_first": True}, (3, 8, 8)),
+                 ("autoencoder", {}, (40,)), ("vae", {}, (40,))]
+        for name, kwargs, shape in cases:
+            out = build_model(name, kwargs, shape, 0)(jnp.ones((2, *shape)), rng=key)
+            print(name, {k: out[k].shape for k in sorted(out)} if isinstance(out, dict) else out.shape)
+        batch = {"x": jnp.ones((4, 40)), "y": jnp.array([1, 2, 3, 4]), "_valid": jnp.array([1, 1, 1, 0], bool)}
+        logits = jnp.zeros((4, 10)).at[:, 1].set(5.0)
+        ce = build_loss("cross_entropy", {})(logits, batch)[1]
+        print("ce", {k: round(float(ce[k]), 4) for k in sorted(ce)})
+        print("mse", float(build_loss("mse", {})({"recon": jnp.zeros((4, 40))}, batch)[0]))
+        vae = {"recon": jnp.ones((4, 40)), "mean": jnp.zeros((4, 2)), "logvar": jnp.zeros((4, 2))}
+        v = build_loss("vae", {"beta": 2.0})(vae, batch)[1]
+        print("vae", {k: float(v[k]) for k in sorted(v)})
+        s = make_schedule(ScheduleConfig(name="cosine_restarts", lr=1.0, warmup_steps=10, cycle_steps=100,
+                                         cycle_mult=2.0, peak_decay=0.5), 1000)
+        print("restarts", [round(float(s(t)), 3) for t in (0, 5, 10, 60, 109, 110, 310)])
+        w = make_schedule(ScheduleConfig(name="warmup_cosine", lr=1.0, warmup_steps=10, end_factor=0.1), 110)
+        print("cosine", [round(float(w(t)), 3) for t in (0, 10, 60, 110)])
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "mlp (2, 10)",
+        "cnn1d (2, 10)",
+        "cnn2d (2, 10)",
+        "autoencoder {'latent': (2, 8), 'recon': (2, 40)}",
+        "vae {'logvar': (2, 4), 'mean': (2, 4), 'recon': (2, 40)}",
+        # the padded 4th record is left out of every mean: 1 of 3 real labels is 1
+        "ce {'accuracy': 0.3333, 'loss': 3.3922}",  # (0.0588 + 2 x 5.0588) / 3
+        "mse 1.0",
+        "vae {'kl': 0.0, 'loss': 0.0, 'recon': 0.0}",
+        "restarts [0.0, 0.5, 1.0, 0.5, 0.0, 0.5, 0.25]",
+        "cosine [0.0, 1.0, 0.55, 0.1]",
+    ]
 
 
 def test_vae_reports_its_loss_terms(tmp_path, mnist1d_dir):
