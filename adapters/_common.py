@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from loaders import Loader, LoaderState
+from loaders import Loader, LoaderState, Sampler
 
 INSTALL = {
     "torch": "pip install torch==2.13.0  (the CPU build; or: pip install -e '.[torch]')",
@@ -46,3 +47,32 @@ class StepCursor:
     def restore(self, state: dict[str, Any]) -> None:
         self.step = LoaderState.from_dict(state).check(self.loader.source, self.loader.sampler)
         self.generation += 1
+
+
+class CountingAdapter:
+    """What both adapters share: the loader, the cursor, and counting what the consumer takes."""
+
+    loader: Loader
+    cursor: StepCursor
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.loader.sampler
+
+    @property
+    def step(self) -> int:
+        """The next global step handed to the consumer."""
+        return self.cursor.step
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return len(self.loader)
+
+    def _counted(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Yield ``batches``, advancing the cursor per batch taken; stop if a state is restored meanwhile."""
+        generation = self.cursor.generation
+        for batch in batches:
+            if self.cursor.generation != generation:
+                return  # restored mid-iteration: a new iter() starts at the restored step
+            self.cursor.step += 1
+            yield batch

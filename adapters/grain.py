@@ -15,7 +15,7 @@ import numpy as np
 
 from loaders import Loader, Sampler, ShardSpec
 
-from ._common import StepCursor, require
+from ._common import CountingAdapter, StepCursor, require
 
 grain = require("grain", "Grain")
 
@@ -40,7 +40,7 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-class GrainLoader:
+class GrainLoader(CountingAdapter):
     """Iterate Tandem batches (numpy dicts) through Grain, with Grain's multiprocessing prefetch.
 
     Args:
@@ -82,19 +82,6 @@ class GrainLoader:
             _ReadBatch(self.loader)
         )
 
-    @property
-    def sampler(self) -> Sampler:
-        return self.loader.sampler
-
-    @property
-    def step(self) -> int:
-        """The next global step handed to the consumer."""
-        return self.cursor.step
-
-    def __len__(self) -> int:
-        """Batches per epoch."""
-        return len(self.loader)
-
     def iter_dataset(self, start: int) -> grain.IterDataset:
         """The Grain pipeline from global step ``start`` (what ``__iter__`` runs)."""
         ds = self.dataset[start:].to_iter_dataset(self.read_options)
@@ -107,14 +94,9 @@ class GrainLoader:
         return ds
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        generation = self.cursor.generation
         it = iter(self.iter_dataset(self.cursor.step))
         try:
-            for batch in it:
-                if self.cursor.generation != generation:
-                    return  # restored mid-iteration: a new iter() starts at the restored step
-                self.cursor.step += 1
-                yield batch
+            yield from self._counted(it)
         finally:
             close = getattr(it, "close", None)
             if close is not None:

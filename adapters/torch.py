@@ -14,7 +14,7 @@ import numpy as np
 
 from loaders import Loader, Sampler, ShardSpec, TarSource
 
-from ._common import StepCursor, require
+from ._common import CountingAdapter, StepCursor, require
 
 torch = require("torch", "PyTorch")
 
@@ -78,7 +78,7 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-class TorchLoader:
+class TorchLoader(CountingAdapter):
     """Iterate Tandem batches as ``dict[str, torch.Tensor]`` through a ``DataLoader``.
 
     Args:
@@ -134,26 +134,8 @@ class TorchLoader:
             generator=generator,
         )
 
-    @property
-    def sampler(self) -> Sampler:
-        return self.loader.sampler
-
-    @property
-    def step(self) -> int:
-        """The next global step handed to the consumer."""
-        return self.cursor.step
-
-    def __len__(self) -> int:
-        """Batches per epoch."""
-        return len(self.loader)
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        generation = self.cursor.generation
-        for batch in self.dataloader:
-            if self.cursor.generation != generation:
-                return  # restored mid-iteration: a new iter() starts at the restored step
-            self.cursor.step += 1
-            yield batch
+        return self._counted(self.dataloader)
 
     def state_dict(self) -> dict[str, Any]:
         """The shared resume state (JSON-serializable)."""

@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from .models import import_path
+from .models import resolve
 
 LossFn = Callable[[Any, dict[str, Any]], tuple[jnp.ndarray, dict[str, jnp.ndarray]]]
 
@@ -63,12 +63,7 @@ LOSSES: dict[str, Callable] = {"cross_entropy": cross_entropy, "mse": mse, "vae"
 
 def build_loss(name: str, kwargs: dict[str, Any]) -> LossFn:
     """The loss named in the config, with its keyword arguments bound."""
-    if ":" in name:
-        fn = import_path(name)
-    elif name in LOSSES:
-        fn = LOSSES[name]
-    else:
-        raise ValueError(f"unknown loss {name!r}: use one of {sorted(LOSSES)} or an import path module:function")
+    fn = resolve(name, LOSSES, "loss")
     if not kwargs:
         return fn
 

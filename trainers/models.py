@@ -150,14 +150,18 @@ def import_path(path: str) -> Any:
     return obj
 
 
+def resolve(name: str, table: dict[str, Any], kind: str) -> Any:
+    """A built-in from ``table``, or any object named by import path ``module:attr``."""
+    if ":" in name:
+        return import_path(name)
+    if name in table:
+        return table[name]
+    raise ValueError(f"unknown {kind} {name!r}: use one of {sorted(table)} or an import path module:name")
+
+
 def build_model(name: str, kwargs: dict[str, Any], input_shape: Sequence[int], seed: int) -> nnx.Module:
     """A model from its config name and keyword arguments, initialized from ``seed``."""
-    if ":" in name:
-        cls = import_path(name)
-    elif name in MODELS:
-        cls = MODELS[name]
-    else:
-        raise ValueError(f"unknown model {name!r}: use one of {sorted(MODELS)} or an import path module:Class")
+    cls = resolve(name, MODELS, "model")
     params = inspect.signature(cls.__init__).parameters
     extra = {"input_shape": tuple(input_shape)} if "input_shape" in params else {}
     try:
