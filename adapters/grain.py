@@ -6,8 +6,11 @@ flight on the devices, and take the shard spec from ``jax.process_index()``.
 
 from __future__ import annotations
 
+import functools
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -30,6 +33,22 @@ class _ReadBatch:
 
     def __call__(self, step: int) -> dict[str, Any]:
         return self.loader.get_batch(int(step))
+
+
+def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
+    """Grain worker init: end this worker when the training process is gone (even by SIGKILL).
+
+    Grain's spawned workers otherwise outlive a killed parent, holding memory until
+    someone kills them by hand.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="tandem-parent-watch", daemon=True).start()
 
 
 def _absl_flags_parsed() -> None:
@@ -90,7 +109,7 @@ class GrainLoader(CountingAdapter):
             options = grain.MultiprocessingOptions(
                 num_workers=self.worker_count, per_worker_buffer_size=self.worker_buffer_size
             )
-            ds = ds.mp_prefetch(options)
+            ds = ds.mp_prefetch(options, worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
         return ds
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

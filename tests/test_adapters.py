@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +221,58 @@ def test_torch_workers_under_spawn_and_forkserver(context, request, reference_ca
     loader = TorchLoader(src, Sampler(len(src), BATCH, seed=11, shuffle="full"), num_workers=2,
                          multiprocessing_context=context, per_epoch=False, prefetch_factor=2)
     assert_same(take(loader, STEPS), reference("h5", request, reference_cache))
+
+
+ORPHAN = textwrap.dedent(
+    """
+    import sys, time
+    from absl import flags
+    from loaders import H5Source, Sampler
+    from adapters.grain import GrainLoader
+    if __name__ == "__main__":
+        flags.FLAGS.mark_as_parsed()
+        src = H5Source(sys.argv[1])
+        it = iter(GrainLoader(src, Sampler(len(src), 30, seed=0), worker_count=2))
+        next(it)
+        print("ready", flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def _children(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_grain_workers_exit_when_their_parent_is_killed(tmp_path, request):
+    """SIGKILL of the training process alone must not leave its Grain workers behind."""
+    import signal
+    import time
+
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    proc = subprocess.Popen([sys.executable, str(script), request.getfixturevalue("h5_path")],
+                            stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.stdout.readline().strip() == "ready"
+    workers = [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert len(workers) >= 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+
+    def alive():
+        running = []
+        for p in workers:
+            try:
+                with open(f"/proc/{p}/status") as f:
+                    if "State:\tZ" not in f.read():
+                        running.append(p)
+            except FileNotFoundError:
+                pass
+        return running
+
+    deadline = time.monotonic() + 15
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(), f"Grain workers {alive()} outlived their killed parent"

@@ -280,7 +280,7 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
                             wait=f"{100 * row['data_wait_share']:.1f}%", refresh=False)
             pending, waited, window_start, window_steps = [], 0.0, time.perf_counter(), 0
 
-        stream = device_batches(map(prepare, batches), devices=devices, size=2)
+        stream = device_batches(map(prepare, batches), devices=devices, size=4)
         while step < total:
             t = time.perf_counter()
             batch = next(stream)
