@@ -7,6 +7,7 @@ the step they are given. The state counts batches the consumer has taken.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 from loaders import Loader, Sampler, ShardSpec, TarSource
 
 from ._common import CountingAdapter, StepCursor, require
+from ._slots import SlotReader, SlotRef, SlotWriter
 
 torch = require("torch", "PyTorch")
 
@@ -32,13 +34,24 @@ def to_torch(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Map-style dataset: item ``step`` is the whole batch of that step."""
+    """Map-style dataset: item ``step`` is the whole batch of that step.
 
-    def __init__(self, loader: Loader) -> None:
+    In a worker process (with ``slots``), the batch goes into the worker's ring of
+    shared-memory slots and only a :class:`SlotRef` travels to the main process.
+    """
+
+    def __init__(self, loader: Loader, slots: int) -> None:
         self.loader = loader
+        self.slots = slots
+        self._writer: SlotWriter | None = None
 
-    def __getitem__(self, step: int) -> dict[str, Any]:
-        return to_torch(self.loader.get_batch(int(step)))
+    def __getitem__(self, step: int) -> Any:
+        batch = self.loader.get_batch(int(step))
+        if self.slots and torch.utils.data.get_worker_info() is not None:
+            if self._writer is None:
+                self._writer = SlotWriter(self.slots)
+            return self._writer.put(batch)
+        return to_torch(batch)
 
     def __len__(self) -> int:
         total = self.loader.sampler.total_steps
@@ -88,6 +101,9 @@ class TorchLoader(CountingAdapter):
       multiprocessing_context: ``"fork"``, ``"spawn"``, ``"forkserver"`` or None.
       transform, collate: per-record transform ``fn(record, rng)`` and collate, as in
         :class:`loaders.Loader`.
+      shared_slots: workers hand batches over through a ring of shared-memory slots
+        they reuse (``prefetch_factor + 2`` each) instead of a new segment per batch;
+        ``False`` uses PyTorch's own hand-off.
       per_epoch: ``True`` (PyTorch's habit): each ``for batch in loader`` runs to the
         end of the current epoch, so ``for epoch in ...: for batch in loader`` works.
         ``False``: one stream to the sampler's end (endless if ``num_epochs`` is None).
@@ -114,13 +130,18 @@ class TorchLoader(CountingAdapter):
         transform: Callable | None = None,
         collate: Callable | None = None,
         per_epoch: bool = True,
+        shared_slots: bool = True,
     ) -> None:
         self.loader = Loader(source, sampler, transform=transform, collate=collate)
+        slots = (prefetch_factor or 2) + 2 if shared_slots and num_workers > 0 else 0
+        self._reader = SlotReader()
+        weakref.finalize(self, self._reader.close)
+        self._pin = pin_memory
         self.cursor = StepCursor(self.loader)
         generator = torch.Generator()
         generator.manual_seed(sampler.seed)
         self.dataloader = torch.utils.data.DataLoader(
-            _Batches(self.loader),
+            _Batches(self.loader, slots),
             batch_size=None,
             sampler=_Steps(self.cursor, per_epoch),
             num_workers=num_workers,
@@ -135,7 +156,15 @@ class TorchLoader(CountingAdapter):
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self._counted(self.dataloader)
+        return self._counted(map(self._receive, self.dataloader))
+
+    def _receive(self, item: Any) -> dict[str, Any]:
+        if not isinstance(item, SlotRef):
+            return item
+        batch = to_torch(self._reader.take(item))
+        if self._pin and torch.cuda.is_available():
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """The shared resume state (JSON-serializable)."""

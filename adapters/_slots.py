@@ -1,0 +1,142 @@
+"""Handing whole batches from worker processes to the main process through reused shared memory.
+
+A framework's default hand-off moves every batch into a fresh shared-memory segment
+(create, map, send a descriptor, map again, unlink): on small machines that costs
+as much as reading the batch. Here each worker owns a ring of segments, created
+once; it copies a batch into the next slot and sends only a small :class:`SlotRef`.
+The main process copies the arrays out of its read-only map of that slot.
+
+Segments are plain files in ``/dev/shm`` created without Python's resource tracker:
+a forked worker must take no lock that another thread of its parent might have
+held at the fork. The worker unlinks its segments when it exits (also when it
+notices its parent died); the main process unlinks every segment it has seen when
+its loader goes away.
+
+A slot is reused only ``slots`` batches later. Each slot starts with a sequence
+number that the worker sets to -1 while writing; the reader checks it before and
+after copying, so a slot overwritten too early is an error, never a wrong batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from collections import OrderedDict
+from multiprocessing import util
+from typing import Any
+
+import numpy as np
+
+from loaders._shm import _map
+
+_HEADER = 64
+_ALIGN = 64
+_WRITING = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotRef:
+    """Where one batch lies: segment, sequence number, and each array's place."""
+
+    name: str
+    size: int
+    seq: int
+    arrays: dict[str, tuple[int, tuple[int, ...], str]]
+    inline: dict[str, Any]
+    order: tuple[str, ...]
+
+
+def _unlink(name: str) -> None:
+    try:
+        os.unlink(f"/dev/shm/{name}")
+    except FileNotFoundError:
+        pass
+
+
+def _create(size: int) -> str:
+    name = f"tandem_slot_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    util.Finalize(None, _unlink, args=(name,), exitpriority=10)  # runs when the worker process exits
+    return name
+
+
+class SlotWriter:
+    """The worker side: a ring of ``slots`` segments, grown when a batch does not fit."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.segments: list[tuple[str, int, Any] | None] = [None] * slots
+        self.count = 0
+
+    def put(self, batch: dict[str, Any]) -> SlotRef:
+        arrays = {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype.kind in "biufc"}
+        inline = {k: v for k, v in batch.items() if k not in arrays}
+        layout, offset = {}, _HEADER
+        for k, v in arrays.items():
+            layout[k] = (offset, v.shape, v.dtype.str)
+            offset += -(-v.nbytes // _ALIGN) * _ALIGN
+        i, seq = self.count % self.slots, self.count
+        self.count += 1
+        entry = self.segments[i]
+        if entry is None or entry[1] < offset:
+            size = 2 * offset if entry else offset  # grown segments get room to spare
+            if entry is not None:
+                _unlink(entry[0])
+            name = _create(size)
+            entry = (name, size, _map(name, size, writable=True))
+            self.segments[i] = entry
+        name, size, mm = entry
+        header = np.frombuffer(mm, dtype=np.int64, count=1)
+        header[0] = _WRITING
+        for k, v in arrays.items():
+            o, shape, dtype = layout[k]
+            np.frombuffer(mm, dtype=dtype, count=v.size, offset=o).reshape(shape)[...] = v
+        header[0] = seq
+        return SlotRef(name, size, seq, layout, inline, tuple(batch))
+
+
+class SlotReader:
+    """The main-process side: maps segments read-only (cached) and copies batches out."""
+
+    def __init__(self, max_open: int = 64) -> None:
+        self.maps: OrderedDict[str, Any] = OrderedDict()
+        self.max_open = max_open
+        self.seen: set[str] = set()
+
+    def close(self) -> None:
+        """Unlink every segment seen (workers unlink their own too; twice is harmless)."""
+        self.maps.clear()
+        for name in self.seen:
+            _unlink(name)
+        self.seen.clear()
+
+    def take(self, ref: SlotRef) -> dict[str, Any]:
+        mm = self.maps.get(ref.name)
+        if mm is None or len(mm) < ref.size:
+            self.seen.add(ref.name)
+            mm = _map(ref.name, ref.size, writable=False)
+            self.maps[ref.name] = mm
+            if len(self.maps) > self.max_open:
+                self.maps.popitem(last=False)
+        header = np.frombuffer(mm, dtype=np.int64, count=1)
+        self._check(header, ref, "before")
+        out = {}
+        for k, (o, shape, dtype) in ref.arrays.items():
+            count = int(np.prod(shape, dtype=np.int64))
+            out[k] = np.frombuffer(mm, dtype=dtype, count=count, offset=o).reshape(shape).copy()
+        self._check(header, ref, "while")
+        out.update(ref.inline)
+        return {k: out[k] for k in ref.order}
+
+    @staticmethod
+    def _check(header: np.ndarray, ref: SlotRef, when: str) -> None:
+        if int(header[0]) != ref.seq:
+            raise RuntimeError(
+                f"worker batch slot {ref.name} was overwritten {when} reading batch #{ref.seq} "
+                f"(holds #{int(header[0])}); raise the number of slots"
+            )
