@@ -9,8 +9,8 @@ The main process copies the arrays out of its read-only map of that slot.
 Segments are plain files in ``/dev/shm`` created without Python's resource tracker:
 a forked worker must take no lock that another thread of its parent might have
 held at the fork. The worker unlinks its segments when it exits (also when it
-notices its parent died); the main process unlinks every segment it has seen when
-its loader goes away.
+notices its parent died); the main process unlinks every segment of its loader
+(one name prefix per loader) when the loader goes away.
 
 A slot is reused only ``slots`` batches later. Each slot starts with a sequence
 number that the worker sets to -1 while writing; the reader checks it before and
@@ -47,20 +47,43 @@ class SlotRef:
     order: tuple[str, ...]
 
 
+_CREATED: set[str] = set()  # this process's segments, for unlink_created()
+
+
+def new_token() -> str:
+    """A prefix for one loader's segments, so its owner can find and remove them all."""
+    return uuid.uuid4().hex[:12]
+
+
 def _unlink(name: str) -> None:
+    _CREATED.discard(name)
     try:
         os.unlink(f"/dev/shm/{name}")
     except FileNotFoundError:
         pass
 
 
-def _create(size: int) -> str:
-    name = f"tandem_slot_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+def unlink_created() -> None:
+    """Remove every segment this process created (a worker about to end abruptly)."""
+    for name in list(_CREATED):
+        _unlink(name)
+
+
+def unlink_token(token: str) -> None:
+    """Remove every segment of one loader, whichever worker made it."""
+    for name in os.listdir("/dev/shm"):
+        if name.startswith(f"tandem_slot_{token}_"):
+            _unlink(name)
+
+
+def _create(token: str, size: int) -> str:
+    name = f"tandem_slot_{token}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
+    _CREATED.add(name)
     util.Finalize(None, _unlink, args=(name,), exitpriority=10)  # runs when the worker process exits
     return name
 
@@ -68,8 +91,9 @@ def _create(size: int) -> str:
 class SlotWriter:
     """The worker side: a ring of ``slots`` segments, grown when a batch does not fit."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, token: str) -> None:
         self.slots = slots
+        self.token = token
         self.segments: list[tuple[str, int, Any] | None] = [None] * slots
         self.count = 0
 
@@ -87,7 +111,7 @@ class SlotWriter:
             size = 2 * offset if entry else offset  # grown segments get room to spare
             if entry is not None:
                 _unlink(entry[0])
-            name = _create(size)
+            name = _create(self.token, size)
             entry = (name, size, _map(name, size, writable=True))
             self.segments[i] = entry
         name, size, mm = entry
@@ -103,22 +127,19 @@ class SlotWriter:
 class SlotReader:
     """The main-process side: maps segments read-only (cached) and copies batches out."""
 
-    def __init__(self, max_open: int = 64) -> None:
+    def __init__(self, token: str, max_open: int = 64) -> None:
         self.maps: OrderedDict[str, Any] = OrderedDict()
         self.max_open = max_open
-        self.seen: set[str] = set()
+        self.token = token
 
     def close(self) -> None:
-        """Unlink every segment seen (workers unlink their own too; twice is harmless)."""
+        """Unlink every segment of this loader (workers unlink their own too; twice is harmless)."""
         self.maps.clear()
-        for name in self.seen:
-            _unlink(name)
-        self.seen.clear()
+        unlink_token(self.token)
 
     def take(self, ref: SlotRef) -> dict[str, Any]:
         mm = self.maps.get(ref.name)
         if mm is None or len(mm) < ref.size:
-            self.seen.add(ref.name)
             mm = _map(ref.name, ref.size, writable=False)
             self.maps[ref.name] = mm
             if len(self.maps) > self.max_open:

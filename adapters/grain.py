@@ -11,6 +11,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 from loaders import Loader, Sampler, ShardSpec
 
 from ._common import CountingAdapter, StepCursor, require
+from ._slots import SlotReader, SlotRef, SlotWriter, new_token, unlink_created
 
 grain = require("grain", "Grain")
 
@@ -35,6 +37,23 @@ class _ReadBatch:
         return self.loader.get_batch(int(step))
 
 
+class _ToSlot:
+    """Worker side, last map before the hand-off: the batch goes into this worker's slot ring."""
+
+    def __init__(self, slots: int, token: str) -> None:
+        self.slots = slots
+        self.token = token
+        self._writer: SlotWriter | None = None
+
+    def __call__(self, batch: dict[str, Any]) -> SlotRef:
+        if self._writer is None:
+            self._writer = SlotWriter(self.slots, self.token)
+        return self._writer.put(batch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"slots": self.slots, "token": self.token, "_writer": None}
+
+
 def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
     """Grain worker init: end this worker when the training process is gone (even by SIGKILL).
 
@@ -46,6 +65,7 @@ def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None
         while True:
             time.sleep(0.5)
             if os.getppid() != parent:
+                unlink_created()
                 os._exit(0)
 
     threading.Thread(target=watch, name="tandem-parent-watch", daemon=True).start()
@@ -71,6 +91,8 @@ class GrainLoader(CountingAdapter):
         of microseconds, less than a thread hand-off costs, and the trainer's device
         prefetcher already reads ahead in its own thread.
       transform, collate: per-record transform ``fn(record, rng)`` and collate.
+      shared_slots: workers hand batches over through a ring of shared-memory slots
+        they reuse, instead of Grain's new segment per array per batch.
 
     ``dataset`` is the ``grain.MapDataset`` of all steps (element ``s`` = batch ``s``),
     for users who want to add Grain transformations; iterate this object to get the
@@ -90,11 +112,20 @@ class GrainLoader(CountingAdapter):
         prefetch: int = 0,
         transform: Callable | None = None,
         collate: Callable | None = None,
+        shared_slots: bool = True,
     ) -> None:
         self.loader = Loader(source, sampler, transform=transform, collate=collate)
         self.cursor = StepCursor(self.loader)
+        self.shared_slots = shared_slots
+        self._reader = SlotReader(new_token())
+        weakref.finalize(self, self._reader.close)
         self.worker_count = int(worker_count)
         self.worker_buffer_size = int(worker_buffer_size)
+        # Batches a worker can be ahead of the consumer: its process queue (buffer), the one
+        # it holds waiting to put, Grain's per-worker thread buffer in this process (buffer)
+        # and that thread's element in hand, the consumer's own: 2 * buffer + 3 (measured).
+        # Two more for margin; an overrun is detected anyway, never a wrong batch.
+        self.slots = 2 * self.worker_buffer_size + 5
         self.read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
         total = sampler.total_steps
         self.dataset: grain.MapDataset = grain.MapDataset.range(total if total is not None else _ENDLESS).map(
@@ -103,14 +134,20 @@ class GrainLoader(CountingAdapter):
 
     def iter_dataset(self, start: int) -> grain.IterDataset:
         """The Grain pipeline from global step ``start`` (what ``__iter__`` runs)."""
-        ds = self.dataset[start:].to_iter_dataset(self.read_options)
-        if self.worker_count > 0:
-            _absl_flags_parsed()
-            options = grain.MultiprocessingOptions(
-                num_workers=self.worker_count, per_worker_buffer_size=self.worker_buffer_size
-            )
-            ds = ds.mp_prefetch(options, worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
-        return ds
+        ds = self.dataset[start:]
+        if self.worker_count == 0:
+            return ds.to_iter_dataset(self.read_options)
+        _absl_flags_parsed()
+        if self.shared_slots:  # after any transformation the user added to ``dataset``
+            ds = ds.map(_ToSlot(self.slots, self._reader.token))
+        options = grain.MultiprocessingOptions(num_workers=self.worker_count, per_worker_buffer_size=self.worker_buffer_size)
+        ds = ds.to_iter_dataset(self.read_options).mp_prefetch(
+            options, worker_init_fn=functools.partial(_exit_with_parent, os.getpid())
+        )
+        return ds.map(self._receive) if self.shared_slots else ds
+
+    def _receive(self, item: Any) -> Any:
+        return self._reader.take(item) if isinstance(item, SlotRef) else item
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         it = iter(self.iter_dataset(self.cursor.step))

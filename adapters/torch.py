@@ -16,7 +16,7 @@ import numpy as np
 from loaders import Loader, Sampler, ShardSpec, TarSource
 
 from ._common import CountingAdapter, StepCursor, require
-from ._slots import SlotReader, SlotRef, SlotWriter
+from ._slots import SlotReader, SlotRef, SlotWriter, new_token
 
 torch = require("torch", "PyTorch")
 
@@ -40,16 +40,17 @@ class _Batches(torch.utils.data.Dataset):
     shared-memory slots and only a :class:`SlotRef` travels to the main process.
     """
 
-    def __init__(self, loader: Loader, slots: int) -> None:
+    def __init__(self, loader: Loader, slots: int, token: str) -> None:
         self.loader = loader
         self.slots = slots
+        self.token = token
         self._writer: SlotWriter | None = None
 
     def __getitem__(self, step: int) -> Any:
         batch = self.loader.get_batch(int(step))
         if self.slots and torch.utils.data.get_worker_info() is not None:
             if self._writer is None:
-                self._writer = SlotWriter(self.slots)
+                self._writer = SlotWriter(self.slots, self.token)
             return self._writer.put(batch)
         return to_torch(batch)
 
@@ -134,14 +135,14 @@ class TorchLoader(CountingAdapter):
     ) -> None:
         self.loader = Loader(source, sampler, transform=transform, collate=collate)
         slots = (prefetch_factor or 2) + 2 if shared_slots and num_workers > 0 else 0
-        self._reader = SlotReader()
+        self._reader = SlotReader(new_token())
         weakref.finalize(self, self._reader.close)
         self._pin = pin_memory
         self.cursor = StepCursor(self.loader)
         generator = torch.Generator()
         generator.manual_seed(sampler.seed)
         self.dataloader = torch.utils.data.DataLoader(
-            _Batches(self.loader, slots),
+            _Batches(self.loader, slots, self._reader.token),
             batch_size=None,
             sampler=_Steps(self.cursor, per_epoch),
             num_workers=num_workers,
