@@ -17,13 +17,15 @@ def cache_dir(name: str) -> str:
     return path
 
 
-def rate(fn: Callable[[], int], repeats: int) -> float:
-    """Median samples/s of ``fn`` (which returns how many samples it handled)."""
+def rate(fn: Callable[[], int | tuple[int, float]], repeats: int) -> float:
+    """Median samples/s of ``fn``: it returns how many samples it handled, or
+    ``(samples, seconds)`` when it times itself (e.g. from its first batch on)."""
     rates = []
     for _ in range(repeats):
         t = time.perf_counter()
-        n = fn()
-        rates.append(n / (time.perf_counter() - t))
+        out = fn()
+        n, secs = out if isinstance(out, tuple) else (out, time.perf_counter() - t)
+        rates.append(n / secs)
     return statistics.median(rates)
 
 

@@ -6,6 +6,8 @@
   workers) and vs ``grain.DataLoader`` with an ``IndexSampler`` and a ``Batch``.
 - Each adapter vs the bare ``Loader`` on the same source (overhead), 0 workers.
 
+Rates count from each contender's first batch on; worker start-up is printed apart.
+
 200k records x 128 float32 (1024-row chunks), batch 256, full shuffle.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import time
 
 import numpy as np
 
@@ -24,13 +28,24 @@ from .loaders import make_h5
 BATCH = 256
 
 
-def consume(iterable, samples: int) -> int:
+STARTUP: dict[str, list[float]] = {}
+
+
+def consume(iterable, samples: int, label: str = "") -> tuple[int, float]:
+    """Samples read and seconds taken, counted from the first batch on: starting worker
+    processes (2-4 s for Grain's spawned workers) is reported apart, as time to first batch."""
+    t0 = time.perf_counter()
+    it = iter(iterable)
+    first = next(it)
+    t1 = time.perf_counter()
+    STARTUP.setdefault(label, []).append(t1 - t0)
     n = 0
-    for batch in iterable:
+    for batch in it:
         n += len(next(iter(batch.values())) if isinstance(batch, dict) else batch)
         if n >= samples:
             break
-    return n
+    del first
+    return n, time.perf_counter() - t1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,29 +100,31 @@ def main(argv: list[str] | None = None) -> None:
             extra = {"persistent_workers": False} if workers else {}
             samples = n - BATCH if workers or label == "in-memory" else min(n, 100_000)
 
-            def ours(src=src, workers=workers, samples=samples, extra=extra):
-                return consume(TorchLoader(src, sampler(), num_workers=workers, per_epoch=False, **extra), samples)
+            def ours(src=src, workers=workers, samples=samples, extra=extra, label=label):
+                loader = TorchLoader(src, sampler(), num_workers=workers, per_epoch=False, **extra)
+                return consume(loader, samples, f"TorchLoader, {label}, {workers} workers")
 
             budget = per_item_samples[workers] if label == "in-memory" else 10_000
 
-            def plain(items=items, workers=workers, budget=budget):
+            def plain(items=items, workers=workers, budget=budget, label=label):
                 dl = torch.utils.data.DataLoader(items(), batch_size=BATCH, shuffle=True, num_workers=workers,
                                                  generator=torch.Generator().manual_seed(0))
-                return consume(dl, budget)
+                return consume(dl, budget, f"DataLoader per-item, {label}, {workers} workers")
 
             table.add(f"TorchLoader, {label}, {workers} workers", rate(ours, args.repeats),
                       f"DataLoader per-item __getitem__, {workers} workers", rate(plain, args.repeats), 5)
 
     for workers in (0, 2):
         def grain_ours(workers=workers):
-            return consume(GrainLoader(cached, sampler(), worker_count=workers), n - BATCH)
+            return consume(GrainLoader(cached, sampler(), worker_count=workers), n - BATCH,
+                           f"GrainLoader, in-memory, {workers} workers")
 
         def grain_plain(workers=workers):
             ds = grain.MapDataset.source(array).shuffle(seed=0).batch(BATCH)
             it = ds.to_iter_dataset()
             if workers:
                 it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-            return consume(it, n - BATCH)
+            return consume(it, n - BATCH, f"Grain MapDataset pipeline, {workers} workers")
 
         table.add(f"GrainLoader, in-memory, {workers} workers", rate(grain_ours, args.repeats),
                   f"MapDataset.source().shuffle().batch(256), {workers} workers", rate(grain_plain, args.repeats), 5)
@@ -134,6 +151,10 @@ def main(argv: list[str] | None = None) -> None:
         table.add(f"GrainLoader, {label}, 0 workers", grain_rate, "bare Loader (overhead)", bare, 0.9)
     cached.close()
     table.save(args.json)
+    print("\nTime to the first batch (worker start-up), median seconds:")
+    for label, secs in STARTUP.items():
+        if "2 workers" in label:
+            print(f"  {label}: {statistics.median(secs):.2f} s")
     os._exit(0)  # skip interpreter teardown of Grain's worker buffers
 
 
