@@ -19,12 +19,11 @@ after copying, so a slot overwritten too early is an error, never a wrong batch.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import uuid
 from collections import OrderedDict
 from multiprocessing import util
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -35,9 +34,8 @@ _ALIGN = 64
 _WRITING = -1
 
 
-@dataclasses.dataclass(frozen=True)
-class SlotRef:
-    """Where one batch lies: segment, sequence number, and each array's place."""
+class SlotRef(NamedTuple):
+    """Where one batch lies: segment, sequence number, and each array's place (a tuple: cheap to pickle)."""
 
     name: str
     size: int

@@ -153,8 +153,8 @@ class GrainLoader(CountingAdapter):
         if self.worker_count == 0 and self.read_options.num_threads == 0:
             # Nothing to prefetch: read the MapDataset (with any transformation added to it)
             # by index in this process, without an IterDataset's per-element bookkeeping.
-            ds = self.dataset[self.cursor.step :]
-            yield from self._counted(ds[i] for i in range(len(ds)))
+            ds = self.dataset
+            yield from self._counted(ds[i] for i in range(self.cursor.step, len(ds)))
             return
         it = iter(self.iter_dataset(self.cursor.step))
         try:
