@@ -29,6 +29,14 @@ def rate(fn: Callable[[], int | tuple[int, float]], repeats: int) -> float:
     return statistics.median(rates)
 
 
+def compare(ours: Callable, anchor: Callable, repeats: int) -> tuple[float, float, float]:
+    """Rates of two contenders measured in alternation (ours, anchor, ours, ...), so that a
+    noisy neighbour slows both alike: median rates, and the median of the paired ratios."""
+    pairs = [(rate(ours, 1), rate(anchor, 1)) for _ in range(repeats)]
+    return (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs),
+            statistics.median(p[0] / p[1] for p in pairs))
+
+
 class Table:
     """Rows of (what, samples/s, anchor, ratio, target), printed as markdown."""
 
@@ -36,12 +44,19 @@ class Table:
         self.title = title
         self.rows: list[dict] = []
 
-    def add(self, name: str, ours: float, anchor_name: str, anchor: float, target: float) -> None:
-        ratio = ours / anchor
+    def add(self, name: str, ours: float, anchor_name: str, anchor: float, target: float,
+            ratio: float | None = None) -> None:
+        ratio = ours / anchor if ratio is None else ratio
         self.rows.append({"case": name, "ours": ours, "anchor": anchor_name, "anchor_rate": anchor,
                           "ratio": ratio, "target": target, "met": ratio >= target})
         print(f"  {name}: {ours:,.0f}/s vs {anchor_name} {anchor:,.0f}/s = {ratio:.2f}x (target >= {target}x)",
               flush=True)
+
+    def add_compared(self, name: str, ours: Callable, anchor_name: str, anchor: Callable, target: float,
+                     repeats: int) -> None:
+        """Measure both with :func:`compare` and add the row."""
+        o, a, r = compare(ours, anchor, repeats)
+        self.add(name, o, anchor_name, a, target, ratio=r)
 
     def markdown(self) -> str:
         lines = [f"### {self.title}", "", "| case | Tandem samples/s | anchor | anchor samples/s | ratio | target |",

@@ -22,7 +22,7 @@ import numpy as np
 
 from loaders import H5CachedSource, H5Source, Loader, Sampler
 
-from ._common import Table, cache_dir, rate
+from ._common import Table, cache_dir
 from .loaders import make_h5
 
 BATCH = 256
@@ -51,7 +51,7 @@ def consume(iterable, samples: int, label: str = "") -> tuple[int, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="alternating runs per contender; medians")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
                                                  generator=torch.Generator().manual_seed(0))
                 return consume(dl, budget, f"DataLoader per-item, {label}, {workers} workers")
 
-            table.add(f"TorchLoader, {label}, {workers} workers", rate(ours, args.repeats),
-                      f"DataLoader per-item __getitem__, {workers} workers", rate(plain, args.repeats), 5)
+            table.add_compared(f"TorchLoader, {label}, {workers} workers", ours,
+                               f"DataLoader per-item __getitem__, {workers} workers", plain, 5, args.repeats)
 
     for workers in (0, 2):
         def grain_ours(workers=workers):
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
                 it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
             return consume(it, n - BATCH, f"Grain MapDataset pipeline, {workers} workers")
 
-        table.add(f"GrainLoader, in-memory, {workers} workers", rate(grain_ours, args.repeats),
-                  f"MapDataset.source().shuffle().batch(256), {workers} workers", rate(grain_plain, args.repeats), 5)
+        table.add_compared(f"GrainLoader, in-memory, {workers} workers", grain_ours,
+                           f"MapDataset.source().shuffle().batch(256), {workers} workers", grain_plain, 5, args.repeats)
 
     def grain_dataloader():
         dl = grain.DataLoader(
@@ -139,16 +139,19 @@ def main(argv: list[str] | None = None) -> None:
         )
         return consume(dl, min(n, 10_000))
 
-    table.add("GrainLoader, in-memory, 0 workers", rate(lambda: consume(GrainLoader(cached, sampler()), n - BATCH),
-                                                        args.repeats),
-              "grain.DataLoader + IndexSampler + Batch (default options)", rate(grain_dataloader, args.repeats), 5)
+    table.add_compared("GrainLoader, in-memory, 0 workers", lambda: consume(GrainLoader(cached, sampler()), n - BATCH),
+                       "grain.DataLoader + IndexSampler + Batch (default options)", grain_dataloader, 5, args.repeats)
 
     for label, src in (("in-memory", cached), ("HDF5", lazy)):
-        bare = rate(lambda src=src: consume(Loader(src, sampler()), n - BATCH), args.repeats)
-        torch_rate = rate(lambda src=src: consume(TorchLoader(src, sampler(), per_epoch=False), n - BATCH), args.repeats)
-        grain_rate = rate(lambda src=src: consume(GrainLoader(src, sampler()), n - BATCH), args.repeats)
-        table.add(f"TorchLoader, {label}, 0 workers", torch_rate, "bare Loader (overhead)", bare, 0.9)
-        table.add(f"GrainLoader, {label}, 0 workers", grain_rate, "bare Loader (overhead)", bare, 0.9)
+        def bare(src=src):
+            return consume(Loader(src, sampler()), n - BATCH)
+
+        table.add_compared(f"TorchLoader, {label}, 0 workers",
+                           lambda src=src: consume(TorchLoader(src, sampler(), per_epoch=False), n - BATCH),
+                           "bare Loader (overhead)", bare, 0.9, args.repeats)
+        table.add_compared(f"GrainLoader, {label}, 0 workers",
+                           lambda src=src: consume(GrainLoader(src, sampler()), n - BATCH),
+                           "bare Loader (overhead)", bare, 0.9, args.repeats)
     cached.close()
     table.save(args.json)
     print("\nTime to the first batch (worker start-up), median seconds:")

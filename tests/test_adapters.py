@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -308,3 +309,43 @@ def test_workers_leave_no_slots_behind(framework, request):
     gc.collect()
     after = {f for f in os.listdir("/dev/shm") if f.startswith("tandem_slot_")}
     assert after <= before
+
+
+MULTI = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+    from loaders import H5Source, Loader, Sampler
+    from adapters.grain import GrainLoader, jax_shard_spec
+    spec = jax_shard_spec()
+    src = H5Source(sys.argv[3], keys=["y"])
+    loader = GrainLoader(src, Sampler(len(src), 64, seed=5, shard=spec))
+    ys = [b["y"].tolist() for _, b in zip(range(3), loader)]
+    print(json.dumps({"index": spec.index, "count": spec.count, "ys": ys}), flush=True)
+    jax.distributed.shutdown()
+    """
+)
+
+
+def test_two_jax_processes_take_their_slices_of_the_global_batch(tmp_path, request):
+    import socket
+
+    path = request.getfixturevalue("h5_path")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "multi.py"
+    script.write_text(MULTI)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), path], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    reports = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outs), key=lambda r: r["index"])
+    assert [(r["index"], r["count"]) for r in reports] == [(0, 2), (1, 2)]
+    src = H5Source(path, keys=["y"])
+    whole = [b["y"].tolist() for _, b in zip(range(3), Loader(src, Sampler(len(src), 64, seed=5)), strict=False)]
+    assert [a + b for a, b in zip(reports[0]["ys"], reports[1]["ys"], strict=True)] == whole
