@@ -395,7 +395,7 @@ class TarSource:
         if len(self._keys) == 0:
             raise DataError(f"{self.shards[0]}: the shards hold no samples")
         self._lock = threading.Lock()
-        self._open: OrderedDict[int, tuple[mmap.mmap, np.ndarray]] = OrderedDict()
+        self._open: OrderedDict[int, _Mapped] = OrderedDict()
         self._pid: int | None = None
         self._npy: dict[tuple[int, int], _NpyLayout] = {}
 
@@ -430,7 +430,7 @@ class TarSource:
         return f"TarSource({self.shards[0]!r}... ({len(self.shards)} shards), fields={self.fields}, records={len(self)})"
 
     # --------------------------------------------------------------- reading
-    def _map(self, shard: int) -> tuple[mmap.mmap, np.ndarray]:
+    def _map(self, shard: int) -> _Mapped:
         pid = os.getpid()
         with self._lock:
             if self._pid != pid:
@@ -445,7 +445,7 @@ class TarSource:
             end = int(self._shard_end[shard])
             if len(mm) < end:
                 raise DataError(f"{path}: the shard shrank since it was indexed ({len(mm)} bytes, index needs {end})")
-            entry = (mm, np.frombuffer(mm, dtype=np.uint8))
+            entry = _Mapped(mm)
             self._open[shard] = entry
             if len(self._open) > _MAX_OPEN:
                 self._open.popitem(last=False)
@@ -455,8 +455,11 @@ class TarSource:
         s = int(self._shard_of[i])
         return f"{self.shards[s]}: member {self._keys[i]}.{self.fields[j]}"
 
+    def _lazy_where(self, i: int, j: int) -> _Where:
+        return _Where(self, i, j)
+
     def _raw(self, i: int, j: int) -> bytes:
-        mm, _ = self._map(int(self._shard_of[i]))
+        mm = self._map(int(self._shard_of[i])).mm
         o, n = int(self._offsets[i, j]), int(self._sizes[i, j])
         return mm[o : o + n]
 
@@ -468,7 +471,7 @@ class TarSource:
         fn = self.decoders.get(ext) or self.decoders.get(ext.rsplit(".", 1)[-1])
         if fn is not None:
             return fn(data)
-        return decode(ext, data, self._where(i, j), allow_pickle=self.allow_pickle)
+        return decode(ext, data, self._lazy_where(i, j), allow_pickle=self.allow_pickle)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
@@ -496,17 +499,54 @@ class TarSource:
         out = {}
         for j, f in enumerate(self.fields):
             name = self.rename.get(f, f)
-            if self.decode and f.rsplit(".", 1)[-1] == "npy" and f not in self.decoders and "npy" not in self.decoders:
+            last = f.rsplit(".", 1)[-1]
+            default = self.decode and f not in self.decoders and last not in self.decoders
+            if default and last == "npy":
                 out[name] = self._gather_npy(idx, j)
+            elif default and last in _INT_EXTS and len(idx):
+                out[name] = self._gather_int(idx, j)
             else:
                 out[name] = _stack([self._decode_one(int(i), j) for i in idx], name, self, idx, j)
+        return out
+
+    def _gather_bytes(self, shards: np.ndarray, offsets: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """``width`` bytes at each (shard, offset), as a ``[n, width]`` array, and which rows were inside their file."""
+        out = np.zeros((len(offsets), width), dtype=np.uint8)
+        ok = np.ones(len(offsets), dtype=bool)
+        order = np.argsort(shards, kind="stable")
+        for rows in np.split(order, np.flatnonzero(np.diff(shards[order])) + 1):
+            window = self._map(int(shards[rows[0]])).window(width)
+            offs = offsets[rows]
+            inside = (offs >= 0) & (offs < len(window))
+            if not inside.all():
+                ok[rows[~inside]] = False
+                rows, offs = rows[inside], offs[inside]
+            out[rows] = window[offs]
+        return out, ok
+
+    def _gather_int(self, idx: np.ndarray, j: int) -> np.ndarray:
+        """Decode short decimal members (``.cls``) of a batch at once, straight from the shard maps.
+
+        Members holding anything but digits (a sign, whitespace) take the per-record path.
+        """
+        sizes, offsets = self._sizes[idx, j], self._offsets[idx, j]
+        width = int(min(18, max(1, sizes.max())))
+        chars, ok = self._gather_bytes(self._shard_of[idx], offsets, width)
+        cols = np.arange(width)
+        inside = cols < sizes[:, None]
+        digits = chars.astype(np.int64) - 48
+        slow = ~ok | (sizes < 1) | (sizes > 18) | (inside & ((digits < 0) | (digits > 9))).any(axis=1)
+        place = np.where(inside, 10 ** np.clip(sizes[:, None] - 1 - cols, 0, 17), 0)
+        out = (np.where(inside, digits, 0) * place).sum(axis=1)
+        for r in np.flatnonzero(slow):
+            out[r] = self._decode_one(int(idx[r]), j)
         return out
 
     def _layout(self, shard: int, i: int, j: int) -> _NpyLayout:
         key = (shard, j)
         lay = self._npy.get(key)
         if lay is None:
-            mm, _ = self._map(shard)
+            mm = self._map(shard).mm
             o = int(self._offsets[i, j])
             lay = _NpyLayout(mm[o : o + min(4096, int(self._sizes[i, j]))], self._where(i, j))
             self._npy[key] = lay
@@ -525,26 +565,14 @@ class TarSource:
         lay = self._layout(int(shards[0]), int(idx[0]), j)
         if lay.fortran:
             return _stack([self._decode_one(int(i), j) for i in idx], self.fields[j], self, idx, j)
-        out = np.empty((len(idx), lay.nbytes), dtype=np.uint8)
-        slow = np.zeros(len(idx), dtype=bool)
-        hdr = np.frombuffer(lay.header, dtype=np.uint8)
-        total = lay.data_offset + lay.nbytes
-        for s in np.unique(shards):
-            rows = np.flatnonzero(shards == s)
-            _, u8 = self._map(int(s))
-            ok = sizes[rows] == total
-            good = rows[ok]
-            if len(good):
-                heads = np.lib.stride_tricks.as_strided(u8, shape=(len(u8) - lay.data_offset + 1, lay.data_offset),
-                                                        strides=(1, 1))[offsets[good]]
-                same = (heads == hdr).all(axis=1)
-                good = good[same]
-                if lay.nbytes:
-                    win = np.lib.stride_tricks.as_strided(u8, shape=(len(u8) - lay.nbytes + 1, lay.nbytes),
-                                                          strides=(1, 1))
-                    out[good] = win[offsets[good] + lay.data_offset]
-            slow[rows] = True
-            slow[good] = False
+        heads, ok = self._gather_bytes(shards, offsets, lay.data_offset)
+        same = ok & (sizes == lay.data_offset + lay.nbytes) & (heads == np.frombuffer(lay.header, dtype=np.uint8)).all(axis=1)
+        if lay.nbytes:
+            out, inside = self._gather_bytes(shards, np.where(same, offsets + lay.data_offset, -1), lay.nbytes)
+            same &= inside
+        else:
+            out = np.empty((len(idx), 0), dtype=np.uint8)
+        slow = ~same
         result = out.view(lay.dtype).reshape((len(idx), *lay.shape))
         for r in np.flatnonzero(slow):
             arr = self._decode_one(int(idx[r]), j)
@@ -565,6 +593,40 @@ class TarSource:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+class _Mapped:
+    """One shard's memory map, with cached byte windows: ``window(w)[o]`` is bytes ``o .. o+w``."""
+
+    __slots__ = ("mm", "u8", "_windows")
+
+    def __init__(self, mm: mmap.mmap) -> None:
+        self.mm = mm
+        self.u8 = np.frombuffer(mm, dtype=np.uint8)
+        self._windows: dict[int, np.ndarray] = {}
+
+    def window(self, width: int) -> np.ndarray:
+        win = self._windows.get(width)
+        if win is None:
+            rows = max(0, len(self.u8) - width + 1)
+            win = np.lib.stride_tricks.as_strided(self.u8, shape=(rows, width), strides=(1, 1))
+            win.flags.writeable = False
+            self._windows[width] = win
+        return win
+
+
+class _Where:
+    """'file: member key.ext', formatted only if an error message needs it."""
+
+    __slots__ = ("src", "i", "j")
+
+    def __init__(self, src: TarSource, i: int, j: int) -> None:
+        self.src, self.i, self.j = src, i, j
+
+    def __str__(self) -> str:
+        return self.src._where(self.i, self.j)
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
 
 
 def _bar(total: int, enabled: bool):
