@@ -495,7 +495,7 @@ class TarSource:
             bad = idx[(idx < 0) | (idx >= len(self))][0]
             raise IndexError(f"record {bad} is out of range [0, {len(self)})")
         if self.transform is not None:
-            return _stack_records(self.read_records(idx), self)
+            return stack_records(self.read_records(idx))
         out = {}
         for j, f in enumerate(self.fields):
             name = self.rename.get(f, f)
@@ -652,10 +652,9 @@ def _stack(values: list[Any], name: str, src: TarSource | None = None, idx=None,
     return values
 
 
-def _stack_records(records: list[dict[str, Any]], src: TarSource | None = None) -> dict[str, Any]:
+def stack_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate records into a batch: numbers and equal-shaped arrays stack, strings form a
+    string array, anything else a list (the default collate of :class:`loaders.Loader`)."""
     if not records:
         return {}
     return {k: _stack([r[k] for r in records], k) for k in records[0]}
-
-
-stack_records = _stack_records
