@@ -2,9 +2,9 @@
 
 Same model (the default config's 1-D CNN), optimizer, step function and batches:
 
-- steps/s of ``train_and_evaluate`` (measured from its own ``metrics.jsonl``, after
-  the first logging window, so compilation is left out) vs a loop that feeds the
-  same batches from device memory (goal >= 0.95x);
+- steps/s of ``python -m trainers.run`` (each run in its own process, measured from
+  its ``metrics.jsonl`` after the first logging window, so compilation is left out)
+  vs a loop that feeds the same batches from device memory (goal >= 0.95x);
 - the share of the loop's time spent waiting for data, Grain and torch adapters,
   reading HDF5 and tar shards (goal <= 5%).
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     from trainers.data import build_sources
     from trainers.losses import build_loss
     from trainers.models import build_model, takes_rng
-    from trainers.train import make_optimizer, make_schedule, make_train_step, train_and_evaluate
+    from trainers.train import make_optimizer, make_schedule, make_train_step
 
     common = [f"train.steps={args.steps}", f"train.eval_every={10 * args.steps}",
               f"train.checkpoint_every={10 * args.steps}", "train.log_every=100"]
@@ -93,9 +95,11 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.repeats):
             hands.append(hand_loop())
             for adapter, source in cases:
-                config = load_config(args.config, [*common, f"data.adapter={adapter}", f"data.source={source}"])
+                overrides = [*common, f"data.adapter={adapter}", f"data.source={source}"]
                 work = os.path.join(tmp, f"{adapter}-{source}-{r}")
-                train_and_evaluate(config, work, progress=False)
+                # the command a user runs, in its own process (as a fresh run would be)
+                subprocess.run([sys.executable, "-m", "trainers.run", args.config, *overrides, "--workdir", work,
+                                "--no-progress"], check=True, capture_output=True)
                 sps, wait = _windows(os.path.join(work, "metrics.jsonl"), config.data.batch_size)
                 runs[(adapter, source)].append((sps, wait, sps / hands[-1]))
             print(f"  round {r + 1}: hand loop {hands[-1]:,.0f} steps/s; "
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     lines.append(f"| hand-written pmap loop, batches in device memory | {hand:,.0f} | 1.00x | - |")
     for (adapter, source), measured in runs.items():
         sps, wait, ratio = (float(np.median([m[i] for m in measured])) for i in range(3))
-        lines.append(f"| train_and_evaluate, {adapter} adapter, {source} | {sps:,.0f} | {ratio:.2f}x | "
+        lines.append(f"| python -m trainers.run, {adapter} adapter, {source} | {sps:,.0f} | {ratio:.2f}x | "
                      f"{100 * wait:.1f}% |")
         results.append({"adapter": adapter, "source": source, "steps_per_s": sps, "ratio": ratio,
                         "data_wait_share": wait})
