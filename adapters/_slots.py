@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from loaders._shm import _map
+from loaders._shm import map_segment
 
 _HEADER = 64
 _ALIGN = 64
@@ -110,7 +110,7 @@ class SlotWriter:
             if entry is not None:
                 _unlink(entry[0])
             name = _create(self.token, size)
-            entry = (name, size, _map(name, size, writable=True))
+            entry = (name, size, map_segment(name, size, writable=True))
             self.segments[i] = entry
         name, size, mm = entry
         header = np.frombuffer(mm, dtype=np.int64, count=1)
@@ -138,7 +138,7 @@ class SlotReader:
     def take(self, ref: SlotRef) -> dict[str, Any]:
         mm = self.maps.get(ref.name)
         if mm is None or len(mm) < ref.size:
-            mm = _map(ref.name, ref.size, writable=False)
+            mm = map_segment(ref.name, ref.size, writable=False)
             self.maps[ref.name] = mm
             if len(self.maps) > self.max_open:
                 self.maps.popitem(last=False)

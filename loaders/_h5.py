@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ._bytes import ByteWindows
 from ._errors import DataError
 from ._progress import progress as _progress
 from ._sampler import ShardSpec
@@ -170,7 +171,7 @@ class H5Source:
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._file = None
-        self._mm: np.ndarray | None = None
+        self._mm: ByteWindows | None = None
 
     # --------------------------------------------------------------- protocol
     def __len__(self) -> int:
@@ -241,7 +242,7 @@ class H5Source:
             self._file = _open(self.path, **self._cache_opts)
             self._mm = None
             if any(k.starts is not None for k in self._keys):
-                self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+                self._mm = ByteWindows(np.memmap(self.path, dtype=np.uint8, mode="r"))
             self._pid = pid
 
     def _read_direct(self, k: _Key, idx: np.ndarray) -> np.ndarray:
@@ -251,9 +252,7 @@ class H5Source:
         else:
             chunk, row = np.divmod(idx, k.chunk_rows)
             offsets = k.starts[chunk] + row * k.row_bytes
-        mm = self._mm
-        window = np.lib.stride_tricks.as_strided(mm, shape=(len(mm) - k.row_bytes + 1, k.row_bytes), strides=(1, 1))
-        rows = window[offsets]
+        rows = self._mm.get(k.row_bytes)[offsets]
         arr = rows.view(k.dtype).reshape((len(idx), *k.shape[1:]))
         return arr if k.dtype.isnative else arr.astype(k.dtype.newbyteorder("="))
 

@@ -54,7 +54,7 @@ class SharedArrays:
             self._shm.close()
             self.name = self._shm.name
             self._finalizer = weakref.finalize(self, _unlink, self._shm, os.getpid())
-            buf = self._map = _map(self.name, max(offset, 1), writable=True)
+            buf = self._map = map_segment(self.name, max(offset, 1), writable=True)
         else:
             buf = bytearray(max(offset, 1))
         self.arrays = self._views(buf)
@@ -90,11 +90,12 @@ class SharedArrays:
         if self.name is None:
             self.arrays = state["arrays"]
             return
-        self._map = _map(self.name, max(self.nbytes, 1), writable=False)
+        self._map = map_segment(self.name, max(self.nbytes, 1), writable=False)
         self.arrays = self._views(self._map)
 
 
-def _map(name: str, size: int, *, writable: bool) -> mmap.mmap:
+def map_segment(name: str, size: int, *, writable: bool) -> mmap.mmap:
+    """Map ``/dev/shm/<name>`` without registering it with Python's resource tracker."""
     try:
         fd = os.open(f"/dev/shm/{name}", os.O_RDWR if writable else os.O_RDONLY)
     except FileNotFoundError as e:

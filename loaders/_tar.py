@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ._bytes import ByteWindows
 from ._errors import DataError
 from ._progress import progress
 from ._shards import expand_shards
@@ -455,9 +456,6 @@ class TarSource:
         s = int(self._shard_of[i])
         return f"{self.shards[s]}: member {self._keys[i]}.{self.fields[j]}"
 
-    def _lazy_where(self, i: int, j: int) -> _Where:
-        return _Where(self, i, j)
-
     def _raw(self, i: int, j: int) -> bytes:
         mm = self._map(int(self._shard_of[i])).mm
         o, n = int(self._offsets[i, j]), int(self._sizes[i, j])
@@ -471,7 +469,7 @@ class TarSource:
         fn = self.decoders.get(ext) or self.decoders.get(ext.rsplit(".", 1)[-1])
         if fn is not None:
             return fn(data)
-        return decode(ext, data, self._lazy_where(i, j), allow_pickle=self.allow_pickle)
+        return decode(ext, data, _Where(self, i, j), allow_pickle=self.allow_pickle)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
@@ -596,23 +594,16 @@ class TarSource:
 
 
 class _Mapped:
-    """One shard's memory map, with cached byte windows: ``window(w)[o]`` is bytes ``o .. o+w``."""
+    """One shard's memory map and its byte windows."""
 
-    __slots__ = ("mm", "u8", "_windows")
+    __slots__ = ("mm", "windows")
 
     def __init__(self, mm: mmap.mmap) -> None:
         self.mm = mm
-        self.u8 = np.frombuffer(mm, dtype=np.uint8)
-        self._windows: dict[int, np.ndarray] = {}
+        self.windows = ByteWindows(mm)
 
     def window(self, width: int) -> np.ndarray:
-        win = self._windows.get(width)
-        if win is None:
-            rows = max(0, len(self.u8) - width + 1)
-            win = np.lib.stride_tricks.as_strided(self.u8, shape=(rows, width), strides=(1, 1))
-            win.flags.writeable = False
-            self._windows[width] = win
-        return win
+        return self.windows.get(width)
 
 
 class _Where:
@@ -626,7 +617,8 @@ class _Where:
     def __str__(self) -> str:
         return self.src._where(self.i, self.j)
 
-    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
 
 
 def _bar(total: int, enabled: bool):

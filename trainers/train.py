@@ -195,8 +195,7 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
 
     def prepare(batch):
         batch = to_numpy(batch)
-        missing = [k for k in (cfg.input_key,) if k not in batch]
-        if missing:
+        if cfg.input_key not in batch:
             raise KeyError(f"data.input_key {cfg.input_key!r} is not in the batch (keys: {sorted(batch)})")
         return {keymap[k]: v for k, v in batch.items() if k in keymap}
 
