@@ -34,15 +34,23 @@ _ALIGN = 64
 _WRITING = -1
 
 
+class _Layout(NamedTuple):
+    """One batch in a slot: each array's (offset, shape, dtype), the other values, the key order."""
+
+    arrays: dict[str, tuple[int, tuple[int, ...], str]]
+    inline: dict[str, Any]
+    order: tuple[str, ...]
+
+
 class SlotRef(NamedTuple):
-    """Where one batch lies: segment, sequence number, and each array's place (a tuple: cheap to pickle)."""
+    """Where a batch (or, with ``many``, a list of batches) lies: segment, sequence number,
+    and each array's place (tuples: cheap to pickle)."""
 
     name: str
     size: int
     seq: int
-    arrays: dict[str, tuple[int, tuple[int, ...], str]]
-    inline: dict[str, Any]
-    order: tuple[str, ...]
+    layouts: tuple[_Layout, ...]
+    many: bool
 
 
 _CREATED: set[str] = set()  # this process's segments, for unlink_created()
@@ -96,12 +104,22 @@ class SlotWriter:
         self.count = 0
 
     def put(self, batch: dict[str, Any]) -> SlotRef:
-        arrays = {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype.kind in "biufc"}
-        inline = {k: v for k, v in batch.items() if k not in arrays}
-        layout, offset = {}, _HEADER
-        for k, v in arrays.items():
-            layout[k] = (offset, v.shape, v.dtype.str)
-            offset += -(-v.nbytes // _ALIGN) * _ALIGN
+        """Copy one batch into the next slot."""
+        return self._put([batch], many=False)
+
+    def put_many(self, batches: list[dict[str, Any]]) -> SlotRef:
+        """Copy several batches into the next slot (one hand-off for all)."""
+        return self._put(batches, many=True)
+
+    def _put(self, batches: list[dict[str, Any]], many: bool) -> SlotRef:
+        layouts, offset = [], _HEADER
+        for batch in batches:
+            arrays = {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype.kind in "biufc"}
+            places = {}
+            for k, v in arrays.items():
+                places[k] = (offset, v.shape, v.dtype.str)
+                offset += -(-v.nbytes // _ALIGN) * _ALIGN
+            layouts.append(_Layout(places, {k: v for k, v in batch.items() if k not in arrays}, tuple(batch)))
         i, seq = self.count % self.slots, self.count
         self.count += 1
         entry = self.segments[i]
@@ -115,11 +133,12 @@ class SlotWriter:
         name, size, mm = entry
         header = np.frombuffer(mm, dtype=np.int64, count=1)
         header[0] = _WRITING
-        for k, v in arrays.items():
-            o, shape, dtype = layout[k]
-            np.frombuffer(mm, dtype=dtype, count=v.size, offset=o).reshape(shape)[...] = v
+        for batch, layout in zip(batches, layouts, strict=True):
+            for k, (o, shape, dtype) in layout.arrays.items():
+                v = batch[k]
+                np.frombuffer(mm, dtype=dtype, count=v.size, offset=o).reshape(shape)[...] = v
         header[0] = seq
-        return SlotRef(name, size, seq, layout, inline, tuple(batch))
+        return SlotRef(name, size, seq, tuple(layouts), many)
 
 
 class SlotReader:
@@ -135,7 +154,8 @@ class SlotReader:
         self.maps.clear()
         unlink_token(self.token)
 
-    def take(self, ref: SlotRef) -> dict[str, Any]:
+    def take(self, ref: SlotRef) -> dict[str, Any] | list[dict[str, Any]]:
+        """The batch (a list of batches for :meth:`SlotWriter.put_many`), copied out of its slot."""
         mm = self.maps.get(ref.name)
         if mm is None or len(mm) < ref.size:
             mm = map_segment(ref.name, ref.size, writable=False)
@@ -144,13 +164,16 @@ class SlotReader:
                 self.maps.popitem(last=False)
         header = np.frombuffer(mm, dtype=np.int64, count=1)
         self._check(header, ref, "before")
-        out = {}
-        for k, (o, shape, dtype) in ref.arrays.items():
-            count = int(np.prod(shape, dtype=np.int64))
-            out[k] = np.frombuffer(mm, dtype=dtype, count=count, offset=o).reshape(shape).copy()
+        batches = []
+        for layout in ref.layouts:
+            out = {}
+            for k, (o, shape, dtype) in layout.arrays.items():
+                count = int(np.prod(shape, dtype=np.int64))
+                out[k] = np.frombuffer(mm, dtype=dtype, count=count, offset=o).reshape(shape).copy()
+            out.update(layout.inline)
+            batches.append({k: out[k] for k in layout.order})
         self._check(header, ref, "while")
-        out.update(ref.inline)
-        return {k: out[k] for k in ref.order}
+        return batches if ref.many else batches[0]
 
     @staticmethod
     def _check(header: np.ndarray, ref: SlotRef, when: str) -> None:

@@ -33,10 +33,15 @@ def to_torch(batch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class _Batches(torch.utils.data.Dataset):
-    """Map-style dataset: item ``step`` is the whole batch of that step.
+ITEM_BYTES = 1 << 20  # with workers, a DataLoader item groups batches up to about this size ...
+MAX_GROUP = 8  # ... and at most this many
 
-    In a worker process (with ``slots``), the batch goes into the worker's ring of
+
+class _Batches(torch.utils.data.Dataset):
+    """Map-style dataset: item ``step`` is the batch of that step; item ``(step, count)``
+    the list of ``count`` consecutive batches from ``step``.
+
+    In a worker process (with ``slots``), the batches go into the worker's ring of
     shared-memory slots and only a :class:`SlotRef` travels to the main process.
     """
 
@@ -46,13 +51,23 @@ class _Batches(torch.utils.data.Dataset):
         self.token = token
         self._writer: SlotWriter | None = None
 
-    def __getitem__(self, step: int) -> Any:
-        batch = self.loader.get_batch(int(step))
-        if self.slots and torch.utils.data.get_worker_info() is not None:
-            if self._writer is None:
-                self._writer = SlotWriter(self.slots, self.token)
-            return self._writer.put(batch)
-        return to_torch(batch)
+    def __getitem__(self, item: int | tuple[int, int]) -> Any:
+        if isinstance(item, tuple):
+            start, count = item
+            batches = [self.loader.get_batch(s) for s in range(start, start + count)]
+            if self._in_worker():
+                return self._slot_writer().put_many(batches)
+            return [to_torch(b) for b in batches]
+        batch = self.loader.get_batch(int(item))
+        return self._slot_writer().put(batch) if self._in_worker() else to_torch(batch)
+
+    def _in_worker(self) -> bool:
+        return bool(self.slots) and torch.utils.data.get_worker_info() is not None
+
+    def _slot_writer(self) -> SlotWriter:
+        if self._writer is None:
+            self._writer = SlotWriter(self.slots, self.token)
+        return self._writer
 
     def __len__(self) -> int:
         total = self.loader.sampler.total_steps
@@ -60,18 +75,32 @@ class _Batches(torch.utils.data.Dataset):
 
 
 class _Steps(torch.utils.data.Sampler):
-    """Yields global steps from the cursor's position (read again at every ``iter``)."""
+    """Yields global steps from the cursor's position (read again at every ``iter``).
 
-    def __init__(self, cursor: StepCursor, per_epoch: bool) -> None:
+    With ``group`` set, yields ``(first step, count)`` items of up to ``group`` steps;
+    ``group`` is read at every item, so it may change while an iteration runs.
+    """
+
+    def __init__(self, cursor: StepCursor, per_epoch: bool, group: int | None) -> None:
         self.cursor = cursor
         self.per_epoch = per_epoch
+        self.group = group
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         end = self.cursor.end(self.per_epoch)
         start = self.cursor.step
-        return iter(range(start, end)) if end is not None else itertools.count(start)
+        if self.group is None:
+            return iter(range(start, end)) if end is not None else itertools.count(start)
+        return self._groups(start, end)
+
+    def _groups(self, step: int, end: int | None) -> Iterator[tuple[int, int]]:
+        while end is None or step < end:
+            count = self.group if end is None else min(self.group, end - step)
+            yield step, count
+            step += count
 
     def __len__(self) -> int:
+        """Steps left (items, when not grouped)."""
         end = self.cursor.end(self.per_epoch)
         if end is None:
             raise TypeError("an endless loader (num_epochs=None) has no length")
@@ -105,6 +134,11 @@ class TorchLoader(CountingAdapter):
       shared_slots: workers hand batches over through a ring of shared-memory slots
         they reuse (``prefetch_factor + 2`` each) instead of a new segment per batch;
         ``False`` uses PyTorch's own hand-off.
+      batches_per_item: with workers, how many consecutive batches a worker reads per
+        ``DataLoader`` item. Each item costs a round trip between processes (~150 us
+        here), as much as reading a small batch; grouping spreads it. ``None`` (the
+        default): 1 for the first items, then as many as fit in about 1 MiB (at most
+        8), from the size of the first batch received. ``prefetch_factor`` counts items.
       per_epoch: ``True`` (PyTorch's habit): each ``for batch in loader`` runs to the
         end of the current epoch, so ``for epoch in ...: for batch in loader`` works.
         ``False``: one stream to the sampler's end (endless if ``num_epochs`` is None).
@@ -132,8 +166,14 @@ class TorchLoader(CountingAdapter):
         collate: Callable | None = None,
         per_epoch: bool = True,
         shared_slots: bool = True,
+        batches_per_item: int | None = None,
     ) -> None:
+        if batches_per_item is not None and batches_per_item < 1:
+            raise ValueError(f"batches_per_item must be at least 1, got {batches_per_item}")
         self.loader = Loader(source, sampler, transform=transform, collate=collate)
+        # Grouped items only where there is a hand-off to spread: with worker processes.
+        self._auto_group = batches_per_item is None and num_workers > 0
+        group = (1 if self._auto_group else batches_per_item) if num_workers > 0 else None
         slots = (prefetch_factor or 2) + 2 if shared_slots and num_workers > 0 else 0
         self._reader = SlotReader(new_token())
         weakref.finalize(self, self._reader.close)
@@ -144,7 +184,7 @@ class TorchLoader(CountingAdapter):
         self.dataloader = torch.utils.data.DataLoader(
             _Batches(self.loader, slots, self._reader.token),
             batch_size=None,
-            sampler=_Steps(self.cursor, per_epoch),
+            sampler=_Steps(self.cursor, per_epoch, group),
             num_workers=num_workers,
             collate_fn=_already_collated,
             pin_memory=pin_memory,
@@ -160,17 +200,34 @@ class TorchLoader(CountingAdapter):
         if self.dataloader.num_workers == 0:
             # In-process, a DataLoader would only call dataset[step] for each step of the
             # sampler, adding ~15 us of bookkeeping per batch (measured): do just that.
-            dataset, steps = self.dataloader.dataset, self.dataloader.sampler
-            if self._pin and torch.cuda.is_available():
-                return self._counted(self._pinned(dataset[step]) for step in steps)
-            return self._counted(dataset[step] for step in steps)
-        return self._counted(map(self._receive, self.dataloader))
+            return self._in_process()
+        return self._counted(batch for item in self.dataloader for batch in self._receive(item))
 
-    def _receive(self, item: Any) -> dict[str, Any]:
-        if not isinstance(item, SlotRef):
-            return item  # PyTorch's own hand-off (and pinning), shared_slots=False
-        batch = to_torch(self._reader.take(item))
-        return self._pinned(batch) if self._pin and torch.cuda.is_available() else batch
+    def _in_process(self) -> Iterator[dict[str, Any]]:
+        get, cursor = self.loader.get_batch, self.cursor
+        pin = self._pin and torch.cuda.is_available()
+        generation = cursor.generation
+        for step in self.dataloader.sampler:
+            batch = to_torch(get(step))
+            if cursor.generation != generation:
+                return  # restored mid-iteration: a new iter() starts at the restored step
+            cursor.step += 1
+            yield self._pinned(batch) if pin else batch
+
+    def _receive(self, item: Any) -> list[dict[str, Any]]:
+        """The batches of one DataLoader item, as tensors."""
+        if isinstance(item, SlotRef):
+            item = self._reader.take(item)
+            batches = [to_torch(b) for b in item] if isinstance(item, list) else [to_torch(item)]
+            if self._pin and torch.cuda.is_available():
+                batches = [self._pinned(b) for b in batches]
+        else:  # PyTorch's own hand-off (which pins, if asked), shared_slots=False
+            batches = item if isinstance(item, list) else [item]
+        if self._auto_group:
+            self._auto_group = False
+            size = sum(v.nbytes for v in batches[0].values() if isinstance(v, torch.Tensor))
+            self.dataloader.sampler.group = max(1, min(MAX_GROUP, ITEM_BYTES // max(1, size)))
+        return batches
 
     @staticmethod
     def _pinned(batch: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ _IMAGE_EXTS = ("jpg", "jpeg", "png", "ppm", "pgm", "pbm", "bmp", "webp", "tif", 
 _INT_EXTS = ("cls", "cls2", "index", "inx", "id")
 _TEXT_EXTS = ("txt", "text", "transcript")
 _MAX_OPEN = 128
+_ONE_GATHER = 4096  # .npy members up to this size are read header and data in one gather
 
 
 def default_index_dir() -> str:
@@ -495,47 +496,63 @@ class TarSource:
         if self.transform is not None:
             return stack_records(self.read_records(idx))
         out = {}
+        rows = self._rows(idx) if len(idx) else None
         for j, f in enumerate(self.fields):
             name = self.rename.get(f, f)
             last = f.rsplit(".", 1)[-1]
             default = self.decode and f not in self.decoders and last not in self.decoders
             if default and last == "npy":
-                out[name] = self._gather_npy(idx, j)
+                out[name] = self._gather_npy(idx, j, rows)
             elif default and last in _INT_EXTS and len(idx):
-                out[name] = self._gather_int(idx, j)
+                out[name] = self._gather_int(idx, j, rows)
             else:
                 out[name] = _stack([self._decode_one(int(i), j) for i in idx], name, self, idx, j)
         return out
 
-    def _gather_bytes(self, shards: np.ndarray, offsets: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """``width`` bytes at each (shard, offset), as a ``[n, width]`` array, and which rows were inside their file."""
-        out = np.zeros((len(offsets), width), dtype=np.uint8)
-        ok = np.ones(len(offsets), dtype=bool)
+    def _rows(self, idx: np.ndarray) -> _BatchRows:
+        """The shards a batch touches, each with its rows: found once per batch, used by every field."""
+        shards = self._shard_of[idx]
+        first = int(shards[0])
+        if (shards == first).all():
+            return _BatchRows([(self._map(first).windows, slice(None))], int(self._shard_end[first]))
         order = np.argsort(shards, kind="stable")
-        for rows in np.split(order, np.flatnonzero(np.diff(shards[order])) + 1):
-            window = self._map(int(shards[rows[0]])).window(width)
-            offs = offsets[rows]
-            inside = (offs >= 0) & (offs < len(window))
-            if not inside.all():
-                ok[rows[~inside]] = False
-                rows, offs = rows[inside], offs[inside]
-            out[rows] = window[offs]
+        groups = [(self._map(int(shards[rows[0]])).windows, rows)
+                  for rows in np.split(order, np.flatnonzero(np.diff(shards[order])) + 1)]
+        return _BatchRows(groups, self._shard_end[shards])
+
+    @staticmethod
+    def _gather_bytes(rows: _BatchRows, offsets: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """``width`` bytes at each offset, as a ``[n, width]`` array, and which rows lay inside
+        the indexed part of their shard (the others are zeros)."""
+        ok = (offsets >= 0) & (offsets + width <= rows.limits)
+        good = bool(ok.all())
+        if not good:
+            offsets = np.where(ok, offsets, 0)
+        if len(rows.groups) == 1:
+            windows, _ = rows.groups[0]
+            out = windows.get(width)[offsets] if len(windows.u8) >= width else np.zeros((len(offsets), width), np.uint8)
+        else:
+            out = np.empty((len(offsets), width), dtype=np.uint8)
+            for windows, which in rows.groups:
+                out[which] = windows.get(width)[offsets[which]]
+        if not good:
+            out[~ok] = 0
         return out, ok
 
-    def _gather_int(self, idx: np.ndarray, j: int) -> np.ndarray:
+    def _gather_int(self, idx: np.ndarray, j: int, rows: _BatchRows) -> np.ndarray:
         """Decode short decimal members (``.cls``) of a batch at once, straight from the shard maps.
 
         Members holding anything but digits (a sign, whitespace) take the per-record path.
         """
         sizes, offsets = self._sizes[idx, j], self._offsets[idx, j]
         width = int(min(18, max(1, sizes.max())))
-        chars, ok = self._gather_bytes(self._shard_of[idx], offsets, width)
+        chars, ok = self._gather_bytes(rows, offsets, width)
         cols = np.arange(width)
         inside = cols < sizes[:, None]
-        digits = chars.astype(np.int64) - 48
-        slow = ~ok | (sizes < 1) | (sizes > 18) | (inside & ((digits < 0) | (digits > 9))).any(axis=1)
+        digits = chars - np.uint8(48)  # anything but '0'..'9' wraps past 9
+        slow = ~ok | (sizes < 1) | (sizes > 18) | (inside & (digits > 9)).any(axis=1)
         place = np.where(inside, 10 ** np.clip(sizes[:, None] - 1 - cols, 0, 17), 0)
-        out = (np.where(inside, digits, 0) * place).sum(axis=1)
+        out = (digits * place).sum(axis=1)
         for r in np.flatnonzero(slow):
             out[r] = self._decode_one(int(idx[r]), j)
         return out
@@ -550,7 +567,7 @@ class TarSource:
             self._npy[key] = lay
         return lay
 
-    def _gather_npy(self, idx: np.ndarray, j: int) -> np.ndarray:
+    def _gather_npy(self, idx: np.ndarray, j: int, rows: _BatchRows) -> np.ndarray:
         """Copy the data of ``.npy`` members straight out of the shard maps.
 
         Every member's header is compared with the layout's, byte for byte; a member
@@ -563,13 +580,16 @@ class TarSource:
         lay = self._layout(int(shards[0]), int(idx[0]), j)
         if lay.fortran:
             return _stack([self._decode_one(int(i), j) for i in idx], self.fields[j], self, idx, j)
-        heads, ok = self._gather_bytes(shards, offsets, lay.data_offset)
-        same = ok & (sizes == lay.data_offset + lay.nbytes) & (heads == np.frombuffer(lay.header, dtype=np.uint8)).all(axis=1)
-        if lay.nbytes:
-            out, inside = self._gather_bytes(shards, np.where(same, offsets + lay.data_offset, -1), lay.nbytes)
-            same &= inside
+        header = np.frombuffer(lay.header, dtype=np.uint8)
+        if lay.data_offset + lay.nbytes <= _ONE_GATHER:  # small members: header and data in one gather
+            both, ok = self._gather_bytes(rows, offsets, lay.data_offset + lay.nbytes)
+            heads, out = both[:, : lay.data_offset], np.ascontiguousarray(both[:, lay.data_offset :])
         else:
-            out = np.empty((len(idx), 0), dtype=np.uint8)
+            heads, ok = self._gather_bytes(rows, offsets, lay.data_offset)
+        same = ok & (sizes == lay.data_offset + lay.nbytes) & (heads == header).all(axis=1)
+        if lay.data_offset + lay.nbytes > _ONE_GATHER:
+            out, inside = self._gather_bytes(rows, np.where(same, offsets + lay.data_offset, -1), lay.nbytes)
+            same &= inside
         slow = ~same
         result = out.view(lay.dtype).reshape((len(idx), *lay.shape))
         for r in np.flatnonzero(slow):
@@ -593,6 +613,16 @@ class TarSource:
         self._lock = threading.Lock()
 
 
+class _BatchRows:
+    """One batch's rows grouped by shard (``(byte windows, rows)`` each), and per row the
+    end of its shard's indexed part (or one end for all, when the batch is in one shard)."""
+
+    __slots__ = ("groups", "limits")
+
+    def __init__(self, groups: list[tuple[ByteWindows, Any]], limits: np.ndarray | int) -> None:
+        self.groups, self.limits = groups, limits
+
+
 class _Mapped:
     """One shard's memory map and its byte windows."""
 
@@ -601,9 +631,6 @@ class _Mapped:
     def __init__(self, mm: mmap.mmap) -> None:
         self.mm = mm
         self.windows = ByteWindows(mm)
-
-    def window(self, width: int) -> np.ndarray:
-        return self.windows.get(width)
 
 
 class _Where:

@@ -112,6 +112,37 @@ def test_torch_loader_iterates_one_epoch_per_for_loop(request, reference_cache):
     assert_same(epochs[0] + epochs[1][:3], reference("h5", request, reference_cache))
 
 
+@pytest.mark.parametrize("group", [1, 3, None])
+def test_torch_workers_read_groups_of_batches(group, request, reference_cache):
+    """Grouped DataLoader items (batches_per_item) change the hand-off, never the batches."""
+    src = source("h5", request)
+    sampler = Sampler(len(src), BATCH, seed=11, num_epochs=2)
+    loader = TorchLoader(src, sampler, num_workers=2, batches_per_item=group)
+    epochs = [numpy_batches(list(loader)) for _ in range(2)]
+    assert [len(e) for e in epochs] == [4, 4] and loader.step == 8  # groups end at the epoch's end
+    assert_same(epochs[0] + epochs[1][:3], reference("h5", request, reference_cache))
+    if group is None:  # the first batch (64 x 200 bytes) decided: as many as fit in 1 MiB, at most 8
+        assert loader.dataloader.sampler.group == 8
+    resumed = TorchLoader(src, sampler, num_workers=2, batches_per_item=group)
+    resumed.load_state_dict({**loader.state_dict(), "step": 5})  # not a multiple of the group
+    assert_same(numpy_batches(list(resumed)), epochs[1][1:])
+    with pytest.raises(ValueError, match="batches_per_item must be at least 1, got 0"):
+        TorchLoader(src, sampler, num_workers=2, batches_per_item=0)
+
+
+def test_worker_slots_carry_several_batches():
+    from adapters._slots import SlotReader, SlotWriter
+
+    writer, reader = SlotWriter(slots=2, token="t1"), SlotReader("t1")
+    batches = [{"x": np.full((i + 1, 3), i, np.int16), "tag": f"b{i}"} for i in range(3)]
+    got = reader.take(writer.put_many(batches))
+    assert [b["tag"] for b in got] == ["b0", "b1", "b2"]
+    for b, g in zip(batches, got, strict=True):
+        assert g["x"].dtype == np.int16
+        np.testing.assert_array_equal(g["x"], b["x"])
+    reader.close()
+
+
 def test_torch_batches_are_tensors(request):
     loader = adapter("torch", 0, source("h5", request))
     batch = next(iter(loader))
@@ -194,6 +225,21 @@ def test_device_batches_on_four_cpu_devices(tmp_path):
         batches = [{"x": np.full((8, 3), i, np.float32)} for i in range(5)]
         out = list(device_batches(iter(batches)))
         assert len(out) == 5 and out[4]["x"].shape == (4, 2, 3)
+        for thread in (False, True):
+            for size in (1, 2, 9):
+                got = list(device_batches(iter(batches), size=size, thread=thread))
+                assert [float(b["x"][0, 0, 0]) for b in got] == [0, 1, 2, 3, 4], (thread, size)
+
+            def failing():
+                yield batches[0]
+                raise OSError("disk gone")
+            it = device_batches(failing(), thread=thread)
+            assert float(next(it)["x"][0, 0, 0]) == 0
+            try:
+                next(it)
+                raise AssertionError("no error")
+            except OSError as e:
+                assert str(e) == "disk gone"
         assert [s.device for s in out[0]["x"].addressable_shards] == jax.local_devices()
         f = jax.pmap(lambda a: jax.lax.psum(a.sum(), "d"), axis_name="d")
         print(float(f(out[2]["x"])[0]), jax_shard_spec())

@@ -36,6 +36,7 @@ from .losses import build_loss
 from .models import build_model, takes_rng
 
 TRACES: collections.Counter = collections.Counter()  # how often each step function was traced
+MAX_AHEAD = 16  # steps the loop may dispatch ahead of the devices
 
 
 # --------------------------------------------------------------------------- optax pieces
@@ -85,7 +86,8 @@ def make_train_step(graphdef, tx, loss_fn: Callable, pass_rng: bool) -> Callable
             outputs = model(batch["x"], rng=rng) if pass_rng else model(batch["x"])
             return loss_fn(outputs, batch)
 
-        (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+        metrics = {"loss": loss, **metrics}  # the loop watches "loss" (finite?) even if a custom loss leaves it out
         grads, metrics = parallel.pmean(grads), parallel.pmean(metrics)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -250,7 +252,10 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
 
     bar = _progress(total, start, progress)
     pending: list[tuple[int, Any]] = []
-    waited, window_start, window_steps = 0.0, time.perf_counter(), 0
+    # Data wait: time spent getting the next batch while the devices had no step left
+    # to run (the last dispatched step was already done). Time spent reading while a
+    # step still runs is hidden by JAX's asynchronous dispatch; it is logged apart.
+    waited, reading, window_start, window_steps = 0.0, 0.0, time.perf_counter(), 0
     records_per_step = cfg.batch_size
     last_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
@@ -259,10 +264,10 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
     with open(metrics_path, "a") as log, _StopRequest() as stop:
 
         def flush(step: int) -> None:
-            nonlocal pending, waited, window_start, window_steps, last_metrics
+            nonlocal pending, waited, reading, window_start, window_steps, last_metrics
             if not pending:
                 return
-            fetched = jax.device_get([m for _, m in pending])
+            fetched = [{k: np.asarray(v) for k, v in m.items()} for _, m in pending]  # cheaper than device_get
             elapsed = time.perf_counter() - window_start
             for (s, _), m in zip(pending, fetched, strict=True):
                 values = {k: float(v[0]) for k, v in m.items()}
@@ -271,23 +276,31 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
                 last_metrics = values
             row = {"step": step, **last_metrics, "lr": float(schedule(step - 1)),
                    "samples_per_s": window_steps * records_per_step / max(elapsed, 1e-9),
-                   "data_wait_share": waited / max(elapsed, 1e-9)}
+                   "data_wait_share": waited / max(elapsed, 1e-9),
+                   "input_share": reading / max(elapsed, 1e-9)}
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.update(step - bar.n)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.0f}",
                             wait=f"{100 * row['data_wait_share']:.1f}%", refresh=False)
-            pending, waited, window_start, window_steps = [], 0.0, time.perf_counter(), 0
+            pending, waited, reading, window_start, window_steps = [], 0.0, 0.0, time.perf_counter(), 0
 
-        stream = device_batches(map(prepare, batches), devices=devices, size=4)
+        stream = device_batches(map(prepare, batches), devices=devices, size=2)
+        last = None  # one output of the step dispatched last
         while step < total:
             t = time.perf_counter()
             batch = next(stream)
-            waited += time.perf_counter() - t
+            took = time.perf_counter() - t
+            reading += took
+            if last is None or last.is_ready():
+                waited += took
             state_r, metrics = p_train(state_r, batch)
             step += 1
             window_steps += 1
             pending.append((step, metrics))
+            last = metrics["loss"]
+            if len(pending) > MAX_AHEAD:  # keep XLA's queue short (PITFALLS: pmap on CPU devices)
+                pending[-MAX_AHEAD][1]["loss"].block_until_ready()
             eval_due = tc.eval_every and step % tc.eval_every == 0
             ckpt_due = tc.checkpoint_every and step % tc.checkpoint_every == 0
             if step % tc.log_every == 0 or step == total or eval_due or ckpt_due or stop.signal:
