@@ -49,7 +49,6 @@ def main(argv: list[str] | None = None) -> None:
 
     flags.FLAGS.mark_as_parsed()
     import jax
-    from flax import nnx
 
     from adapters.grain import split_for_devices
     from loaders import Loader, Sampler, ShardSpec
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     from trainers.data import build_sources
     from trainers.losses import build_loss
     from trainers.models import build_model, takes_rng
-    from trainers.train import make_optimizer, make_schedule, make_train_step
+    from trainers.train import initial_state, make_optimizer, make_schedule, make_train_step
 
     common = [f"train.steps={args.steps}", f"train.eval_every={10 * args.steps}",
               f"train.checkpoint_every={10 * args.steps}", "train.log_every=100"]
@@ -70,10 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     sampler = Sampler(len(train_src), config.data.batch_size, seed=config.seed, shuffle=config.data.shuffle)
     host = [{"x": b["x"], "y": b["y"]} for _, b in zip(range(args.steps), Loader(train_src, sampler), strict=False)]
     model = build_model(config.model.name, config.model.kwargs, host[0]["x"].shape[1:], config.seed)
-    graphdef, params = nnx.split(model)
     tx = make_optimizer(config.optimizer, make_schedule(config.schedule, args.steps))
-    state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params), "rng": np.asarray(jax.random.PRNGKey(0))}
-    state = parallel.replicate(jax.tree.map(np.asarray, state), devices)
+    graphdef, state = initial_state(model, tx, config.seed)
+    state = parallel.replicate(state, devices)
     step = parallel.pmapped(make_train_step(graphdef, tx, build_loss(config.loss.name, config.loss.kwargs),
                                             takes_rng(model)), devices, donate=(0,))
     placed = [jax.device_put(split_for_devices(b, len(devices)), parallel.sharding(devices)) for b in host]

@@ -223,8 +223,10 @@ def test_device_batches_on_four_cpu_devices(tmp_path):
         import jax, numpy as np
         from adapters.grain import device_batches, jax_shard_spec
         batches = [{"x": np.full((8, 3), i, np.float32)} for i in range(5)]
-        out = list(device_batches(iter(batches)))
+        out = list(device_batches(iter(batches), copy=True))
         assert len(out) == 5 and out[4]["x"].shape == (4, 2, 3)
+        host = list(device_batches(iter(batches)))  # CPU devices: no copy ahead, pmap takes numpy
+        assert isinstance(host[4]["x"], np.ndarray) and host[4]["x"].shape == (4, 2, 3)
         for thread in (False, True):
             for size in (1, 2, 9):
                 got = list(device_batches(iter(batches), size=size, thread=thread))
@@ -242,6 +244,7 @@ def test_device_batches_on_four_cpu_devices(tmp_path):
                 assert str(e) == "disk gone"
         assert [s.device for s in out[0]["x"].addressable_shards] == jax.local_devices()
         f = jax.pmap(lambda a: jax.lax.psum(a.sum(), "d"), axis_name="d")
+        assert float(f(host[2]["x"])[0]) == float(f(out[2]["x"])[0])
         print(float(f(out[2]["x"])[0]), jax_shard_spec())
         """
     )

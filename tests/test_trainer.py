@@ -59,20 +59,17 @@ def test_parallel_step_on_1_and_4_devices():
     code = textwrap.dedent(
         """
         import jax, numpy as np
-        from flax import nnx
         from trainers import parallel
         from trainers.config import OptimizerConfig, ScheduleConfig
         from trainers.losses import build_loss
         from trainers.models import build_model
-        from trainers.train import TRACES, make_optimizer, make_schedule, make_train_step
+        from trainers.train import TRACES, initial_state, make_optimizer, make_schedule, make_train_step
         for n in (1, 4):
             TRACES.clear()
             devices = parallel.local_devices(n)
-            graphdef, params = nnx.split(build_model("mlp", {}, (40,), 0))
             tx = make_optimizer(OptimizerConfig(name="adam"), make_schedule(ScheduleConfig(lr=1e-2), 10))
-            state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params),
-                     "rng": np.asarray(jax.random.PRNGKey(0))}
-            state = parallel.replicate(jax.tree.map(np.asarray, state), devices)
+            graphdef, state = initial_state(build_model("mlp", {}, (40,), 0), tx, 0)
+            state = parallel.replicate(state, devices)
             step = parallel.pmapped(make_train_step(graphdef, tx, build_loss("cross_entropy", {}), True), devices,
                                     donate=(0,))
             rng = np.random.default_rng(0)

@@ -73,6 +73,20 @@ def make_optimizer(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.Grad
 
 
 # --------------------------------------------------------------------------- steps
+def initial_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[Any, dict[str, Any]]:
+    """The model's graph definition and the train state ``{"step", "params", "opt_state", "rng"}`` (numpy).
+
+    Parameters are a plain nested dict, not nnx ``Variable`` objects: every pmap call
+    flattens its arguments, and flattening Variables runs Python code per parameter
+    (~0.3 ms a step for the default CNN, measured).
+    """
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params),
+             "rng": np.asarray(jax.random.PRNGKey(seed))}
+    return graphdef, jax.tree.map(np.asarray, state)
+
+
 def make_train_step(graphdef, tx, loss_fn: Callable, pass_rng: bool) -> Callable:
     """``train_step(state, batch) -> (state, metrics)``, gradients averaged over devices."""
 
@@ -203,13 +217,10 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
 
     sample = prepare(train_src.read_batch(np.array([sampler.indices(0)[0]])))
     model = build_model(config.model.name, config.model.kwargs, sample["x"].shape[1:], config.seed)
-    graphdef, params = nnx.split(model)
     schedule = make_schedule(config.schedule, total)
     tx = make_optimizer(config.optimizer, schedule)
     loss_fn = build_loss(config.loss.name, config.loss.kwargs)
-    state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params),
-             "rng": np.asarray(jax.random.PRNGKey(config.seed))}
-    state = jax.tree.map(np.asarray, state)
+    graphdef, state = initial_state(model, tx, config.seed)
 
     mgr = checkpoints.manager(workdir, tc.keep_checkpoints)
     batches = train_batches(cfg, train_src, sampler)
