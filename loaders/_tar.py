@@ -18,6 +18,7 @@ from ._bytes import ByteWindows
 from ._errors import DataError
 from ._progress import progress
 from ._shards import expand_shards
+from ._span import Span, map_span
 
 INDEX_VERSION = 1
 _BLOCK = 512
@@ -399,6 +400,8 @@ class TarSource:
         self._lock = threading.Lock()
         self._open: OrderedDict[int, _Mapped] = OrderedDict()
         self._pid: int | None = None
+        self._span: Span | None = None
+        self._span_pid: int | None = None
         self._npy: dict[tuple[int, int], _NpyLayout] = {}
 
     # --------------------------------------------------------------- protocol
@@ -509,22 +512,44 @@ class TarSource:
                 out[name] = _stack([self._decode_one(int(i), j) for i in idx], name, self, idx, j)
         return out
 
+    def _all_shards(self) -> Span | None:
+        """Every shard mapped into one address range (made once per process), or None where
+        that is not possible: then batches are gathered shard by shard."""
+        pid = os.getpid()
+        with self._lock:
+            if self._span_pid != pid:
+                span = map_span(self.shards)
+                if span is not None:
+                    short = np.flatnonzero(span.sizes < self._shard_end)
+                    if len(short):
+                        k = int(short[0])
+                        raise DataError(
+                            f"{self.shards[k]}: the shard shrank since it was indexed "
+                            f"({int(span.sizes[k])} bytes, index needs {int(self._shard_end[k])})"
+                        )
+                self._span, self._span_pid = span, pid
+            return self._span
+
     def _rows(self, idx: np.ndarray) -> _BatchRows:
-        """The shards a batch touches, each with its rows: found once per batch, used by every field."""
+        """Where a batch's records lie: found once per batch, used by every field."""
         shards = self._shard_of[idx]
+        span = self._all_shards()
+        if span is not None:  # one gather per field, whatever the number of shards
+            base = span.bases[shards]
+            return _BatchRows([(span.windows, slice(None))], base, base + self._shard_end[shards])
         first = int(shards[0])
         if (shards == first).all():
-            return _BatchRows([(self._map(first).windows, slice(None))], int(self._shard_end[first]))
+            return _BatchRows([(self._map(first).windows, slice(None))], 0, int(self._shard_end[first]))
         order = np.argsort(shards, kind="stable")
         groups = [(self._map(int(shards[rows[0]])).windows, rows)
                   for rows in np.split(order, np.flatnonzero(np.diff(shards[order])) + 1)]
-        return _BatchRows(groups, self._shard_end[shards])
+        return _BatchRows(groups, 0, self._shard_end[shards])
 
     @staticmethod
     def _gather_bytes(rows: _BatchRows, offsets: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """``width`` bytes at each offset, as a ``[n, width]`` array, and which rows lay inside
-        the indexed part of their shard (the others are zeros)."""
-        ok = (offsets >= 0) & (offsets + width <= rows.limits)
+        """``width`` bytes at each offset (from ``rows.base``), as a ``[n, width]`` array, and
+        which rows lay inside the indexed part of their shard (the others are zeros)."""
+        ok = (offsets >= rows.base) & (offsets + width <= rows.limits)
         good = bool(ok.all())
         if not good:
             offsets = np.where(ok, offsets, 0)
@@ -544,7 +569,7 @@ class TarSource:
 
         Members holding anything but digits (a sign, whitespace) take the per-record path.
         """
-        sizes, offsets = self._sizes[idx, j], self._offsets[idx, j]
+        sizes, offsets = self._sizes[idx, j], self._offsets[idx, j] + rows.base
         width = int(min(18, max(1, sizes.max())))
         chars, ok = self._gather_bytes(rows, offsets, width)
         cols = np.arange(width)
@@ -575,9 +600,8 @@ class TarSource:
         """
         if len(idx) == 0:
             raise ValueError("empty batch")
-        shards = self._shard_of[idx]
-        offsets, sizes = self._offsets[idx, j], self._sizes[idx, j]
-        lay = self._layout(int(shards[0]), int(idx[0]), j)
+        offsets, sizes = self._offsets[idx, j] + rows.base, self._sizes[idx, j]
+        lay = self._layout(int(self._shard_of[idx[0]]), int(idx[0]), j)
         if lay.fortran:
             return _stack([self._decode_one(int(i), j) for i in idx], self.fields[j], self, idx, j)
         header = np.frombuffer(lay.header, dtype=np.uint8)
@@ -605,7 +629,7 @@ class TarSource:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_lock=None, _open=OrderedDict(), _pid=None)
+        state.update(_lock=None, _open=OrderedDict(), _pid=None, _span=None, _span_pid=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -614,13 +638,14 @@ class TarSource:
 
 
 class _BatchRows:
-    """One batch's rows grouped by shard (``(byte windows, rows)`` each), and per row the
-    end of its shard's indexed part (or one end for all, when the batch is in one shard)."""
+    """One batch's rows grouped by byte buffer (``(byte windows, rows)`` each: one group when all
+    shards share one mapping), and per row where its shard starts and where its indexed part
+    ends in that buffer (arrays, or one number for all)."""
 
-    __slots__ = ("groups", "limits")
+    __slots__ = ("groups", "base", "limits")
 
-    def __init__(self, groups: list[tuple[ByteWindows, Any]], limits: np.ndarray | int) -> None:
-        self.groups, self.limits = groups, limits
+    def __init__(self, groups: list[tuple[ByteWindows, Any]], base: np.ndarray | int, limits: np.ndarray | int) -> None:
+        self.groups, self.base, self.limits = groups, base, limits
 
 
 class _Mapped:

@@ -37,10 +37,14 @@ def webdataset_reads(shards):
     return out
 
 
+@pytest.mark.parametrize("one_range", [True, False], ids=["shards-in-one-range", "map-per-shard"])
 @pytest.mark.parametrize("fixture", ["wds_shards", "wds_shards_plain", "gnu_tar_shards"])
-def test_tar_matches_webdataset_record_by_record(fixture, request, records):
+def test_tar_matches_webdataset_record_by_record(fixture, one_range, request, records, monkeypatch):
     shards = request.getfixturevalue(fixture)
+    if not one_range:
+        monkeypatch.setattr("loaders._tar.map_span", lambda paths: None)
     src = TarSource(shards)
+    assert (src._all_shards() is not None) == one_range
     expected = webdataset_reads(shards)
     assert len(src) == len(expected) == len(records[0])
     order = np.random.default_rng(0).permutation(len(src))
@@ -129,6 +133,24 @@ def test_truncated_tar_names_file_and_member(wds_shards_plain, tmp_path):
     cut.write_bytes(data[: 512 * 8])  # cut at a header boundary: no end-of-archive marker
     with pytest.raises(DataError, match=r"cut\.tar: truncated tar: ends at byte 4096 .*end-of-archive"):
         TarSource(str(cut))
+
+
+@pytest.mark.parametrize("one_range", [True, False], ids=["shards-in-one-range", "map-per-shard"])
+def test_shard_that_shrank_after_indexing(wds_shards_plain, tmp_path, one_range, monkeypatch):
+    if not one_range:
+        monkeypatch.setattr("loaders._tar.map_span", lambda paths: None)
+    paths = []
+    for k, shard in enumerate(wds_shards_plain):
+        paths.append(tmp_path / f"s{k}.tar")
+        paths[-1].write_bytes(Path(shard).read_bytes())
+    src = TarSource([str(p) for p in paths])
+    size = paths[1].stat().st_size
+    with open(paths[1], "r+b") as f:
+        f.truncate(size // 2)
+    in_s1 = int(src.block_starts[1])
+    shrank = rf"s1\.tar: the shard shrank since it was indexed \({size // 2} bytes, index needs \d+\)"
+    with pytest.raises(DataError, match=shrank):
+        src.read_batch([0, in_s1])
 
 
 def test_sample_missing_a_field(tmp_path):
