@@ -4,7 +4,8 @@ Same model (the default config's 1-D CNN), optimizer, step function and batches:
 
 - steps/s of ``python -m trainers.run`` (each run in its own process, measured from
   its ``metrics.jsonl`` after the first logging window, so compilation is left out)
-  vs a loop that feeds the same batches from device memory (goal >= 0.95x);
+  vs a loop that feeds the same batches from device memory (goal >= 0.95x); every
+  trainer run is bracketed by two runs of the loop, and its ratio is to their mean;
 - the share of the loop's time spent waiting for data, Grain and torch adapters,
   reading HDF5 and tar shards (goal <= 5%): time getting the next batch while the
   device had no step left to run. The time spent reading while a step still ran
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "mnist1d_cnn.yaml"))
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each case; medians are reported")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each case; medians are reported")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -93,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     cases = [(a, s) for a in ("grain", "torch") for s in ("h5", "tar")]
     hands, runs = [], {c: [] for c in cases}
     with tempfile.TemporaryDirectory() as tmp:
+        hands.append(hand_loop())
         for r in range(args.repeats):
-            hands.append(hand_loop())
             for adapter, source in cases:
                 overrides = [*common, f"data.adapter={adapter}", f"data.source={source}"]
                 work = os.path.join(tmp, f"{adapter}-{source}-{r}")
@@ -102,8 +103,10 @@ def main(argv: list[str] | None = None) -> None:
                 subprocess.run([sys.executable, "-m", "trainers.run", args.config, *overrides, "--workdir", work,
                                 "--no-progress"], check=True, capture_output=True)
                 sps, wait, read = _windows(os.path.join(work, "metrics.jsonl"), config.data.batch_size)
-                runs[(adapter, source)].append((sps, wait, sps / hands[-1], read))
-            print(f"  round {r + 1}: hand loop {hands[-1]:,.0f} steps/s; "
+                # each run is bracketed by two hand-loop runs: its ratio is to their mean
+                hands.append(hand_loop())
+                runs[(adapter, source)].append((sps, wait, sps / ((hands[-2] + hands[-1]) / 2), read))
+            print(f"  round {r + 1}: hand loop {', '.join(f'{h:,.0f}' for h in hands[-len(cases):])} steps/s; "
                   + "; ".join(f"{a}/{s} {runs[(a, s)][-1][0]:,.0f}" for a, s in cases), flush=True)
     hand = float(np.median(hands))
     results = []

@@ -219,7 +219,7 @@ def load_index(path: str, index_dir: str | None = None, *, rebuild: bool = False
 class _NpyLayout:
     """A parsed ``.npy`` header: where the data starts and what it holds."""
 
-    __slots__ = ("header", "data_offset", "dtype", "shape", "fortran", "nbytes")
+    __slots__ = ("header", "header_words", "data_offset", "dtype", "shape", "fortran", "nbytes")
 
     def __init__(self, buf: bytes | memoryview, where: str) -> None:
         buf = bytes(buf)
@@ -247,6 +247,9 @@ class _NpyLayout:
             raise DataError(f"{where}: .npy member holds Python objects (pickled); refusing to load it")
         self.data_offset = start + hlen
         self.header = buf[: self.data_offset]
+        # compared with every member's header: as 8-byte words where the length allows (npy pads to 64)
+        word = np.uint64 if self.data_offset % 8 == 0 else np.uint8
+        self.header_words = np.frombuffer(self.header, dtype=word)
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def array(self, buf, where: str) -> np.ndarray:
@@ -500,17 +503,27 @@ class TarSource:
             return stack_records(self.read_records(idx))
         out = {}
         rows = self._rows(idx) if len(idx) else None
-        for j, f in enumerate(self.fields):
-            name = self.rename.get(f, f)
-            last = f.rsplit(".", 1)[-1]
-            default = self.decode and f not in self.decoders and last not in self.decoders
-            if default and last == "npy":
+        for j, name, how in self._plan():
+            if how == "npy":
                 out[name] = self._gather_npy(idx, j, rows)
-            elif default and last in _INT_EXTS and len(idx):
+            elif how == "int" and len(idx):
                 out[name] = self._gather_int(idx, j, rows)
             else:
                 out[name] = _stack([self._decode_one(int(i), j) for i in idx], name, self, idx, j)
         return out
+
+    def _plan(self) -> list[tuple[int, str, str | None]]:
+        """Per field: its column, its output name, and its batch decoder ("npy", "int" or None)."""
+        plan = self.__dict__.get("_fields_plan")
+        if plan is None:
+            plan = []
+            for j, f in enumerate(self.fields):
+                last = f.rsplit(".", 1)[-1]
+                default = self.decode and f not in self.decoders and last not in self.decoders
+                how = ("npy" if last == "npy" else "int" if last in _INT_EXTS else None) if default else None
+                plan.append((j, self.rename.get(f, f), how))
+            self._fields_plan = plan
+        return plan
 
     def _all_shards(self) -> Span | None:
         """Every shard mapped into one address range (made once per process), or None where
@@ -572,12 +585,16 @@ class TarSource:
         sizes, offsets = self._sizes[idx, j], self._offsets[idx, j] + rows.base
         width = int(min(18, max(1, sizes.max())))
         chars, ok = self._gather_bytes(rows, offsets, width)
-        cols = np.arange(width)
-        inside = cols < sizes[:, None]
         digits = chars - np.uint8(48)  # anything but '0'..'9' wraps past 9
-        slow = ~ok | (sizes < 1) | (sizes > 18) | (inside & (digits > 9)).any(axis=1)
-        place = np.where(inside, 10 ** np.clip(sizes[:, None] - 1 - cols, 0, 17), 0)
-        out = (digits * place).sum(axis=1)
+        if (sizes == width).all():  # the usual case: every member has as many digits
+            slow = ~ok | (digits > 9).any(axis=1)
+            out = digits @ (10 ** np.arange(width - 1, -1, -1, dtype=np.int64))
+        else:
+            cols = np.arange(width)
+            inside = cols < sizes[:, None]
+            slow = ~ok | (sizes < 1) | (sizes > 18) | (inside & (digits > 9)).any(axis=1)
+            place = np.where(inside, 10 ** np.clip(sizes[:, None] - 1 - cols, 0, 17), 0)
+            out = (digits * place).sum(axis=1)
         for r in np.flatnonzero(slow):
             out[r] = self._decode_one(int(idx[r]), j)
         return out
@@ -604,19 +621,18 @@ class TarSource:
         lay = self._layout(int(self._shard_of[idx[0]]), int(idx[0]), j)
         if lay.fortran:
             return _stack([self._decode_one(int(i), j) for i in idx], self.fields[j], self, idx, j)
-        header = np.frombuffer(lay.header, dtype=np.uint8)
-        if lay.data_offset + lay.nbytes <= _ONE_GATHER:  # small members: header and data in one gather
-            both, ok = self._gather_bytes(rows, offsets, lay.data_offset + lay.nbytes)
+        whole = lay.data_offset + lay.nbytes
+        if whole <= _ONE_GATHER:  # small members: header and data in one gather
+            both, ok = self._gather_bytes(rows, offsets, whole)
             heads, out = both[:, : lay.data_offset], np.ascontiguousarray(both[:, lay.data_offset :])
         else:
             heads, ok = self._gather_bytes(rows, offsets, lay.data_offset)
-        same = ok & (sizes == lay.data_offset + lay.nbytes) & (heads == header).all(axis=1)
-        if lay.data_offset + lay.nbytes > _ONE_GATHER:
+        same = ok & (sizes == whole) & (heads.view(lay.header_words.dtype) == lay.header_words).all(axis=1)
+        if whole > _ONE_GATHER:
             out, inside = self._gather_bytes(rows, np.where(same, offsets + lay.data_offset, -1), lay.nbytes)
             same &= inside
-        slow = ~same
         result = out.view(lay.dtype).reshape((len(idx), *lay.shape))
-        for r in np.flatnonzero(slow):
+        for r in [] if same.all() else np.flatnonzero(~same):
             arr = self._decode_one(int(idx[r]), j)
             if arr.shape != lay.shape or arr.dtype != lay.dtype:
                 first = f"{self._keys[int(idx[0])]}.{self.fields[j]}"
