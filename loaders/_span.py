@@ -53,9 +53,8 @@ class Span:
     """Files ``paths`` mapped read-only, whole, file ``k`` at ``bases[k]`` (``sizes[k]`` bytes).
 
     ``windows`` gives byte windows over the whole range; bytes between a file's end
-    and the next base read as zeros. The range is unmapped when the Span is collected:
-    arrays copied out of it (fancy indexing copies) stay valid, views do not, so
-    views never leave this module's users.
+    and the next base read as zeros. The range is unmapped once no numpy view of it
+    is left; arrays gathered out of it are copies.
     """
 
     def __init__(self, paths: Sequence[str]) -> None:
@@ -68,26 +67,26 @@ class Span:
         addr = _LIBC.mmap(None, total, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
         if addr in (None, _FAILED):
             raise OSError(ctypes.get_errno(), f"cannot reserve {total} bytes of address space")
-        self._finalizer = weakref.finalize(self, _LIBC.munmap, addr, total)
-        for path, base, size in zip(paths, self.bases, sizes, strict=True):
-            if not size:
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                got = _LIBC.mmap(addr + int(base), int(size), _PROT_READ, _MAP_SHARED | _MAP_FIXED, fd, 0)
-            finally:
-                os.close(fd)
-            if got != addr + int(base):
-                self._finalizer()
-                raise OSError(ctypes.get_errno(), f"{path}: cannot map it ({size} bytes)")
+        try:
+            for path, base, size in zip(paths, self.bases, sizes, strict=True):
+                if not size:
+                    continue
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    got = _LIBC.mmap(addr + int(base), int(size), _PROT_READ, _MAP_SHARED | _MAP_FIXED, fd, 0)
+                finally:
+                    os.close(fd)
+                if got != addr + int(base):
+                    raise OSError(ctypes.get_errno(), f"{path}: cannot map it ({size} bytes)")
+        except BaseException:
+            _LIBC.munmap(addr, total)
+            raise
         buf = (ctypes.c_uint8 * total).from_address(addr)
+        # Unmapped when the last numpy view of it is gone (every view holds ``buf`` as its base).
+        weakref.finalize(buf, _LIBC.munmap, addr, total)
         array = np.frombuffer(buf, dtype=np.uint8)
         array.flags.writeable = False
         self.windows = ByteWindows(array)
-
-    def close(self) -> None:
-        self.windows = None  # type: ignore[assignment]
-        self._finalizer()
 
 
 def map_span(paths: Sequence[str]) -> Span | None:

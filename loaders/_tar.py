@@ -406,6 +406,7 @@ class TarSource:
         self._span: Span | None = None
         self._span_pid: int | None = None
         self._npy: dict[tuple[int, int], _NpyLayout] = {}
+        self._plan = self._make_plan()
 
     # --------------------------------------------------------------- protocol
     def __len__(self) -> int:
@@ -503,7 +504,7 @@ class TarSource:
             return stack_records(self.read_records(idx))
         out = {}
         rows = self._rows(idx) if len(idx) else None
-        for j, name, how in self._plan():
+        for j, name, how in self._plan:
             if how == "npy":
                 out[name] = self._gather_npy(idx, j, rows)
             elif how == "int" and len(idx):
@@ -512,17 +513,14 @@ class TarSource:
                 out[name] = _stack([self._decode_one(int(i), j) for i in idx], name, self, idx, j)
         return out
 
-    def _plan(self) -> list[tuple[int, str, str | None]]:
+    def _make_plan(self) -> list[tuple[int, str, str | None]]:
         """Per field: its column, its output name, and its batch decoder ("npy", "int" or None)."""
-        plan = self.__dict__.get("_fields_plan")
-        if plan is None:
-            plan = []
-            for j, f in enumerate(self.fields):
-                last = f.rsplit(".", 1)[-1]
-                default = self.decode and f not in self.decoders and last not in self.decoders
-                how = ("npy" if last == "npy" else "int" if last in _INT_EXTS else None) if default else None
-                plan.append((j, self.rename.get(f, f), how))
-            self._fields_plan = plan
+        plan = []
+        for j, f in enumerate(self.fields):
+            last = f.rsplit(".", 1)[-1]
+            default = self.decode and f not in self.decoders and last not in self.decoders
+            how = ("npy" if last == "npy" else "int" if last in _INT_EXTS else None) if default else None
+            plan.append((j, self.rename.get(f, f), how))
         return plan
 
     def _all_shards(self) -> Span | None:
@@ -567,12 +565,11 @@ class TarSource:
         if not good:
             offsets = np.where(ok, offsets, 0)
         if len(rows.groups) == 1:
-            windows, _ = rows.groups[0]
-            out = windows.get(width)[offsets] if len(windows.u8) >= width else np.zeros((len(offsets), width), np.uint8)
+            out = _take(rows.groups[0][0], width, offsets)
         else:
             out = np.empty((len(offsets), width), dtype=np.uint8)
             for windows, which in rows.groups:
-                out[which] = windows.get(width)[offsets[which]]
+                out[which] = _take(windows, width, offsets[which])
         if not good:
             out[~ok] = 0
         return out, ok
@@ -651,6 +648,13 @@ class TarSource:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+def _take(windows: ByteWindows, width: int, offsets: np.ndarray) -> np.ndarray:
+    """Rows of ``width`` bytes at ``offsets``; zeros where the buffer is shorter than a row."""
+    if len(windows.u8) < width:
+        return np.zeros((len(offsets), width), dtype=np.uint8)
+    return windows.get(width)[offsets]
 
 
 class _BatchRows:

@@ -135,6 +135,28 @@ def test_truncated_tar_names_file_and_member(wds_shards_plain, tmp_path):
         TarSource(str(cut))
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_one_range_lives_as_long_as_a_view_of_it(wds_shards_plain):
+    from loaders._span import map_span
+
+    def mapped():
+        return Path("/proc/self/maps").read_text().count(os.path.basename(wds_shards_plain[0]))
+
+    gc.collect()
+    before = mapped()  # other tests' sources over the same shards may still be alive
+    src = TarSource(wds_shards_plain)
+    batch = src.read_batch(np.arange(len(src)))
+    window = src._all_shards().windows.get(8)
+    del src
+    gc.collect()
+    assert mapped() == before + 1 and bytes(window[0][:5]) == Path(wds_shards_plain[0]).read_bytes()[:5]
+    del window
+    gc.collect()
+    assert mapped() == before  # unmapped with the last view; the batch read before is a copy and stays valid
+    assert batch["npy"].shape[0] == len(batch["cls"]) and int(batch["npy"].sum()) > 0
+    assert map_span([]) is None
+
+
 @pytest.mark.parametrize("one_range", [True, False], ids=["shards-in-one-range", "map-per-shard"])
 def test_shard_that_shrank_after_indexing(wds_shards_plain, tmp_path, one_range, monkeypatch):
     if not one_range:
