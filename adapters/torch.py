@@ -204,15 +204,11 @@ class TorchLoader(CountingAdapter):
         return self._counted(batch for item in self.dataloader for batch in self._receive(item))
 
     def _in_process(self) -> Iterator[dict[str, Any]]:
-        get, cursor = self.loader.get_batch, self.cursor
-        pin = self._pin and torch.cuda.is_available()
-        generation = cursor.generation
-        for step in self.dataloader.sampler:
-            batch = to_torch(get(step))
-            if cursor.generation != generation:
-                return  # restored mid-iteration: a new iter() starts at the restored step
-            cursor.step += 1
-            yield self._pinned(batch) if pin else batch
+        get = self.loader.get_batch
+        batches = (to_torch(get(step)) for step in self.dataloader.sampler)
+        if self._pin and torch.cuda.is_available():
+            batches = map(self._pinned, batches)
+        return self._counted(batches)
 
     def _receive(self, item: Any) -> list[dict[str, Any]]:
         """The batches of one DataLoader item, as tensors."""
