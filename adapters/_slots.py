@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from loaders._shm import map_segment
+from loaders.shm import map_segment
 
 _HEADER = 64
 _ALIGN = 64

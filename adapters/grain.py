@@ -1,24 +1,20 @@
 """Grain adapter: a ``grain.MapDataset`` over steps whose elements are whole batches.
 
 Plus the JAX side: split a host batch per local device for ``pmap``, keep batches in
-flight on the devices, and take the shard spec from ``jax.process_index()``.
+flight on the devices, and take the part spec from ``jax.process_index()``.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import os
-import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
-
-from loaders import Loader, Sampler, ShardSpec
+from loaders import Loader, Sampler
 
 from ._common import CountingAdapter, StepCursor, require
 from ._slots import SlotReader, SlotRef, SlotWriter, new_token, unlink_created
@@ -182,127 +178,3 @@ class GrainLoader(CountingAdapter):
 
     def __repr__(self) -> str:
         return f"GrainLoader({self.loader.source!r}, {self.sampler!r}, worker_count={self.worker_count})"
-
-
-# --------------------------------------------------------------------------- JAX side
-def jax_shard_spec(mode: str = "global") -> ShardSpec:
-    """This JAX process's :class:`ShardSpec` (``jax.process_index()`` of ``jax.process_count()``)."""
-    jax = require("jax", "Grain")
-    return ShardSpec(jax.process_index(), jax.process_count(), mode)
-
-
-def split_for_devices(batch: dict[str, Any], num_devices: int) -> dict[str, Any]:
-    """Reshape each array of a host batch to ``(num_devices, per_device, ...)`` for ``pmap``."""
-    out = {}
-    for k, v in batch.items():
-        if not isinstance(v, np.ndarray):
-            raise TypeError(f"batch key {k!r} is a {type(v).__name__}, not an array: it cannot go to devices")
-        if v.shape[0] % num_devices:
-            raise ValueError(
-                f"batch key {k!r} has {v.shape[0]} records, which do not split over {num_devices} devices: "
-                f"use a per-process batch size that is a multiple of {num_devices}"
-            )
-        out[k] = v.reshape(num_devices, v.shape[0] // num_devices, *v.shape[1:])
-    return out
-
-
-def device_batches(
-    batches: Iterable[dict[str, Any]],
-    *,
-    devices: list | None = None,
-    size: int = 2,
-    thread: bool = False,
-    copy: bool | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Split each host batch over the local devices and keep ``size`` batches in flight there.
-
-    Each array becomes ``(len(devices), per_device, ...)``, ready for ``pmap``; with
-    ``copy`` it is also copied to the devices ahead of use, as a ``jax.Array`` sharded
-    along its first axis over ``devices`` (default ``jax.local_devices()``). ``copy``
-    defaults to True on accelerators, where the copy overlaps the steps running, and
-    False on CPU devices, whose memory is host memory: there ``pmap`` takes the numpy
-    arrays for ~5 us a batch, where ``jax.device_put`` costs ~30 us an array (measured,
-    jax 0.10). Errors from the host iterator are raised here, after the batches read
-    before them.
-
-    By default the next batches are read in the calling thread, ``size`` ahead of the
-    one handed out: JAX dispatches steps asynchronously, so this work runs while the
-    devices compute the steps already queued, and no thread competes with the training
-    loop for the GIL (on a 2-core machine a feeder thread cost 5-25% of the step rate,
-    measured). ``thread=True`` reads in a background thread instead: worth it only when
-    reading a batch in this process takes longer than a step and releases the GIL
-    (decompression, slow disks).
-    """
-    jax = require("jax", "Grain")
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    devices = list(devices or jax.local_devices())
-    if copy is None:
-        copy = any(d.platform != "cpu" for d in devices)
-    sharding = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
-
-    def place(batch: dict[str, Any]) -> dict[str, Any]:
-        split = split_for_devices(batch, len(devices))
-        return jax.device_put(split, sharding) if copy else split
-
-    if not thread:
-        return _placed_ahead(map(place, batches), max(1, size))
-    return _threaded(map(place, batches), max(1, size))
-
-
-def _placed_ahead(placed: Iterator[dict[str, Any]], size: int) -> Iterator[dict[str, Any]]:
-    """Hand out batches ``size`` behind the reading; an error is raised after the batches read before it."""
-    ahead: collections.deque = collections.deque()
-    error: BaseException | None = None
-    while True:
-        while error is None and len(ahead) <= size:
-            try:
-                ahead.append(next(placed))
-            except StopIteration:
-                error = StopIteration()
-            except Exception as e:  # raised once the batches before it are handed out
-                error = e
-        if not ahead:
-            break
-        yield ahead.popleft()
-    if not isinstance(error, StopIteration):
-        raise error
-
-
-def _threaded(placed: Iterator[dict[str, Any]], size: int) -> Iterator[dict[str, Any]]:
-    ready: queue.Queue = queue.Queue(maxsize=size)
-    done = object()
-    stop = threading.Event()
-
-    def fill() -> None:
-        try:
-            for item in placed:
-                if stop.is_set():
-                    return
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            ready.put(done)
-        except BaseException as e:  # handed to the consumer
-            ready.put(e)
-
-    worker = threading.Thread(target=fill, name="tandem-device-prefetch", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = ready.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        # Wait for the thread to leave JAX and the adapter: a daemon thread still inside
-        # native code when the interpreter exits aborts the process.
-        worker.join(timeout=30)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from loaders import Loader, Sampler, ShardSpec, TarSource
+from loaders import Loader, ProcessPart, Sampler, TarSource
 
 from ._common import CountingAdapter, StepCursor, require
 from ._slots import SlotReader, SlotRef, SlotWriter, new_token
@@ -241,18 +241,18 @@ class TorchLoader(CountingAdapter):
         return f"TorchLoader({self.loader.source!r}, {self.sampler!r}, num_workers={self.dataloader.num_workers})"
 
 
-def _distributed_shard(is_distributed: bool, mode: str = "global") -> ShardSpec:
+def _distributed_part(is_distributed: bool, mode: str = "global") -> ProcessPart:
     if not is_distributed:
-        return ShardSpec()
+        return ProcessPart()
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("is_distributed=True but torch.distributed is not initialized (call init_process_group)")
-    return ShardSpec(dist.get_rank(), dist.get_world_size(), mode)
+    return ProcessPart(dist.get_rank(), dist.get_world_size(), mode)
 
 
 def create_native_atek_dataloader(
     urls: str | Sequence[str],
-    nodesplitter: ShardSpec | None = None,
+    nodesplitter: ProcessPart | None = None,
     dict_key_mapping: Mapping[str, str] | None = None,
     data_transform_fn: Callable[[dict], dict] | None = None,
     collation_fn: Callable[[list[dict]], Any] | None = None,
@@ -267,7 +267,7 @@ def create_native_atek_dataloader(
     """ATEK's ``create_native_atek_dataloader``, reading through Tandem's resumable TarSource.
 
     ``urls``: local tar paths, a glob/brace pattern, or ATEK's ``local_*_tars.yaml``.
-    ``nodesplitter``: the :class:`ShardSpec` of this node (default: one node, or the
+    ``nodesplitter``: the :class:`ProcessPart` of this node (default: one node, or the
     ``torch.distributed`` rank and world size when initialized). ``dict_key_mapping``
     selects *and* renames fields, as in ATEK. ``batch_size=None`` yields single samples.
     ``repeat_flag`` loops forever; ``shuffle_flag`` shuffles every epoch from ``seed``.
@@ -275,7 +275,7 @@ def create_native_atek_dataloader(
     if nodesplitter is None:
         dist = torch.distributed
         initialized = dist.is_available() and dist.is_initialized()
-        nodesplitter = _distributed_shard(initialized)
+        nodesplitter = _distributed_part(initialized)
     keys = list(dict_key_mapping) if dict_key_mapping else None
     source = TarSource(urls, keys=keys, rename=dict_key_mapping, transform=data_transform_fn)
     per_rank = batch_size or 1
@@ -285,7 +285,7 @@ def create_native_atek_dataloader(
         seed=seed,
         shuffle=shuffle_flag,
         drop_remainder=drop_last or batch_size is None,  # single samples never need padding
-        shard=nodesplitter,
+        part=nodesplitter,
         num_epochs=None if repeat_flag else 1,
     )
     collate = collation_fn
@@ -315,14 +315,14 @@ def create_dataloader(
     ``loader.state_dict()`` / ``load_state_dict()`` rather than the sampler's epoch.
     """
     if sampler is None:
-        shard = _distributed_shard(is_distributed)
+        part = _distributed_part(is_distributed)
         sampler = Sampler(
             len(dataset),
-            batch_size * shard.count,
+            batch_size * part.count,
             seed=random_seed,
             shuffle=shuffle,
             drop_remainder=drop_last,
-            shard=shard,
+            part=part,
         )
     elif not isinstance(sampler, Sampler):
         raise TypeError(f"sampler must be a loaders.Sampler, got {type(sampler).__name__}")

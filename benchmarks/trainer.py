@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     flags.FLAGS.mark_as_parsed()
     import jax
 
-    from adapters.grain import split_for_devices
-    from loaders import Loader, Sampler, ShardSpec
+    from adapters.jax import split_for_devices
+    from loaders import Loader, ProcessPart, Sampler
     from trainers import parallel
     from trainers.config import load_config
     from trainers.data import build_sources
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     # The hand-written loop: same model, step and batches, fed from device memory.
     config = load_config(args.config, common)
     devices = parallel.local_devices(config.train.devices)
-    train_src, _ = build_sources(config.data, ShardSpec())
+    train_src, _ = build_sources(config.data, ProcessPart())
     sampler = Sampler(len(train_src), config.data.batch_size, seed=config.seed, shuffle=config.data.shuffle)
     host = [{"x": b["x"], "y": b["y"]} for _, b in zip(range(args.steps), Loader(train_src, sampler), strict=False)]
     model = build_model(config.model.name, config.model.kwargs, host[0]["x"].shape[1:], config.seed)

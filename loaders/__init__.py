@@ -9,8 +9,9 @@ adapter (PyTorch, Grain) can restore.
 from ._errors import DataError, StateMismatchError
 from ._h5 import H5CachedSource, H5Source
 from ._loader import Loader
+from ._part import ProcessPart
 from ._registry import COLLATE_FN_REGISTRY, DATASET_REGISTRY, Registry
-from ._sampler import Sampler, ShardSpec, record_rng
+from ._sampler import Sampler, record_rng
 from ._shards import expand_shards
 from ._state import LoaderState
 from ._tar import TarSource
@@ -24,8 +25,8 @@ __all__ = [
     "Loader",
     "LoaderState",
     "Registry",
+    "ProcessPart",
     "Sampler",
-    "ShardSpec",
     "StateMismatchError",
     "TarSource",
     "expand_shards",

@@ -11,9 +11,9 @@ import numpy as np
 
 from ._bytes import ByteWindows
 from ._errors import DataError
+from ._part import ProcessPart
 from ._progress import progress as _progress
-from ._sampler import ShardSpec
-from ._shm import SharedArrays
+from .shm import SharedArrays
 
 
 def _h5py():
@@ -290,14 +290,14 @@ class H5Source:
 class H5CachedSource:
     """This rank's part of an HDF5 file, loaded into memory once and shared.
 
-    Loads only the records ``shard`` owns (``contiguous`` or ``interleave``; with one
+    Loads only the records ``part`` owns (``contiguous`` or ``interleave``; with one
     process, everything) into one POSIX shared-memory segment. Worker processes map
     the same pages read-only: no copy per worker, forked or spawned. The segment is
     removed when the owning process exits, normally, by an exception, or killed (then
     Python's resource tracker removes it).
 
     Indices stay *global* record numbers, so the same :class:`Sampler` (built with the
-    same ``shard``) drives it; asking for a record outside this rank's part is an error.
+    same ``part``) drives it; asking for a record outside this rank's part is an error.
     """
 
     def __init__(
@@ -305,22 +305,22 @@ class H5CachedSource:
         path: str | os.PathLike,
         keys: str | Sequence[str] | None = None,
         *,
-        shard: ShardSpec | None = None,
+        part: ProcessPart | None = None,
         rename: Mapping[str, str] | None = None,
         share: bool = True,
         progress: bool = False,
     ) -> None:
         self.path = os.fspath(path)
-        self.shard = shard or ShardSpec()
-        if self.shard.mode == "global" and self.shard.count > 1:
+        self.part = part or ProcessPart()
+        if self.part.mode == "global" and self.part.count > 1:
             raise ValueError(
-                "H5CachedSource holds one rank's part: use ShardSpec(mode='contiguous' or 'interleave'), "
-                f"got mode='global' with {self.shard.count} processes"
+                "H5CachedSource holds one rank's part: use ProcessPart(mode='contiguous' or 'interleave'), "
+                f"got mode='global' with {self.part.count} processes"
             )
         lazy = H5Source(self.path, keys, rename=rename)
         self._num_records = len(lazy)
         self._describe_keys = ", ".join(k.describe() for k in lazy._keys)
-        part = self.shard.part(self._num_records)
+        part = self.part.records(self._num_records)
         self._part_size = len(part)
         specs = {
             lazy.rename.get(k.name, k.name): ((len(part), *k.shape[1:]), k.dtype.newbyteorder("="))
@@ -361,14 +361,14 @@ class H5CachedSource:
         )
 
     def __repr__(self) -> str:
-        s = self.shard
+        s = self.part
         return (
             f"H5CachedSource({self.path!r}, keys={self.keys}, records={self._num_records}, "
             f"part={self._part_size} ({s.mode} {s.index}/{s.count}))"
         )
 
     def _local(self, idx: np.ndarray) -> np.ndarray:
-        s = self.shard
+        s = self.part
         if s.count == 1:
             local = idx
         elif s.mode == "contiguous":
@@ -381,7 +381,7 @@ class H5CachedSource:
         if np.any(bad):
             raise IndexError(
                 f"{self.path}: record {idx[bad][0]} is not in this rank's part ({s.mode} {s.index}/{s.count}); "
-                "build the Sampler with the same ShardSpec as the H5CachedSource"
+                "build the Sampler with the same ProcessPart as the H5CachedSource"
             )
         return local
 

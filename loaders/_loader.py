@@ -22,13 +22,13 @@ def check_compatible(source: Any, sampler: Sampler) -> None:
         raise ValueError(
             f"the sampler is built for {sampler.num_records} records, the source has {len(source)}: {source!r}"
         )
-    part = getattr(source, "shard", None)
+    part = getattr(source, "part", None)
     if part is not None and part.count > 1:
-        s = sampler.shard
+        s = sampler.part
         if (s.mode, s.index, s.count) != (part.mode, part.index, part.count):
             raise ValueError(
                 f"{source!r} holds only {part.mode} part {part.index}/{part.count}; "
-                f"the sampler reads {s.mode} part {s.index}/{s.count}. Build both with the same ShardSpec."
+                f"the sampler reads {s.mode} part {s.index}/{s.count}. Build both with the same ProcessPart."
             )
 
 

@@ -7,70 +7,21 @@ number of worker processes can compute any batch without talking to each other.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 
-MODES = ("global", "contiguous", "interleave")
+from ._part import ProcessPart
+
 SHUFFLES = ("none", "full", "block")
 
 # Streams of the seed sequence, so that unrelated random draws never share numbers.
 _STREAM_ORDER = 0
 _STREAM_BLOCKS = 1
 _STREAM_RECORD = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardSpec:
-    """Which part of the data this process reads.
-
-    ``index`` / ``count``: this process among ``count`` (e.g. ``jax.process_index()``
-    and ``jax.process_count()``). ``mode``:
-
-    - ``"global"``: every process takes its slice of the same global batch, so the
-      global order does not depend on ``count`` (resume with another process count).
-    - ``"contiguous"``: process ``i`` owns the ``i``-th contiguous part of the records
-      (``np.array_split`` sizes) and shuffles it per epoch.
-    - ``"interleave"``: process ``i`` owns records ``i, i + count, i + 2 * count, ...``.
-    """
-
-    index: int = 0
-    count: int = 1
-    mode: str = "global"
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"ShardSpec.mode must be one of {MODES}, got {self.mode!r}")
-        if not (isinstance(self.count, int | np.integer) and self.count >= 1):
-            raise ValueError(f"ShardSpec.count must be an integer >= 1, got {self.count!r}")
-        if not (0 <= self.index < self.count):
-            raise ValueError(f"ShardSpec.index must be in [0, {self.count}), got {self.index!r}")
-
-    def part(self, num_records: int) -> np.ndarray:
-        """The sorted record indices this process owns (all records in ``global`` mode)."""
-        if self.mode == "global" or self.count == 1:
-            return np.arange(num_records, dtype=np.int64)
-        if self.mode == "interleave":
-            return np.arange(self.index, num_records, self.count, dtype=np.int64)
-        start, stop = self.bounds(num_records)
-        return np.arange(start, stop, dtype=np.int64)
-
-    def bounds(self, num_records: int) -> tuple[int, int]:
-        """``[start, stop)`` of this process's part in ``contiguous`` mode."""
-        base, extra = divmod(num_records, self.count)
-        start = self.index * base + min(self.index, extra)
-        return start, start + base + (1 if self.index < extra else 0)
-
-    def part_size(self, num_records: int, index: int | None = None) -> int:
-        """How many records process ``index`` (default: this one) owns."""
-        index = self.index if index is None else index
-        if self.mode == "global" or self.count == 1:
-            return num_records
-        base, extra = divmod(num_records, self.count)
-        return base + (1 if index < extra else 0)
 
 
 def _rng(*words: int) -> np.random.Generator:
@@ -92,7 +43,7 @@ class Sampler:
     Args:
       num_records: records in the source (``len(source)``).
       batch_size: the *global* batch size, summed over all processes. It must divide
-        by ``shard.count``; each process reads ``batch_size // shard.count`` records.
+        by ``part.count``; each process reads ``batch_size // part.count`` records.
       seed: seeds the shuffle. Same seed, same order, on every machine.
       shuffle: ``"full"`` (or ``True``): a fresh permutation every epoch.
         ``"block"``: permute blocks (HDF5 chunks, tar shards) and shuffle records
@@ -101,8 +52,8 @@ class Sampler:
       drop_remainder: ``True``: every batch is full; records that do not fill a last
         batch are left out of that epoch (a different few each epoch when shuffled).
         ``False``: the last batch is padded by wrapping around the epoch's order, and
-        ``mask(step)`` marks the padding ``False``.
-      shard: which part of the data this process reads (:class:`ShardSpec`).
+        the mask of ``indices_and_mask(step)`` marks the padding ``False``.
+      part: which part of the data this process reads (:class:`ProcessPart`).
       num_epochs: ``None`` for an endless stream, else the number of epochs.
       blocks: for ``shuffle="block"``: a block size in records, or the sorted start
         offsets of the blocks (e.g. ``source.block_starts``).
@@ -117,12 +68,12 @@ class Sampler:
         seed: int = 0,
         shuffle: bool | str = True,
         drop_remainder: bool = True,
-        shard: ShardSpec | None = None,
+        part: ProcessPart | None = None,
         num_epochs: int | None = None,
         blocks: int | Sequence[int] | np.ndarray | None = None,
         window: int = 8,
     ) -> None:
-        shard = shard or ShardSpec()
+        part = part or ProcessPart()
         shuffle = {True: "full", False: "none"}.get(shuffle, shuffle)  # type: ignore[arg-type]
         if shuffle not in SHUFFLES:
             raise ValueError(f"shuffle must be one of {SHUFFLES} (or a bool), got {shuffle!r}")
@@ -130,10 +81,10 @@ class Sampler:
             raise ValueError(f"num_records must be >= 1, got {num_records}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if batch_size % shard.count:
+        if batch_size % part.count:
             raise ValueError(
-                f"global batch_size {batch_size} does not divide among {shard.count} processes: "
-                f"use a multiple of {shard.count} (e.g. {shard.count * max(1, batch_size // shard.count)})"
+                f"global batch_size {batch_size} does not divide among {part.count} processes: "
+                f"use a multiple of {part.count} (e.g. {part.count * max(1, batch_size // part.count)})"
             )
         if num_epochs is not None and num_epochs < 1:
             raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}")
@@ -141,31 +92,32 @@ class Sampler:
             raise ValueError(f"window must be >= 1, got {window}")
         self.num_records = int(num_records)
         self.batch_size = int(batch_size)
-        self.local_batch_size = self.batch_size // shard.count
+        self.local_batch_size = self.batch_size // part.count
         self.seed = int(seed)
         self.shuffle = shuffle
         self.drop_remainder = bool(drop_remainder)
-        self.shard = shard
+        self.part = part
         self.num_epochs = num_epochs
         self.window = int(window)
         self._block_starts = self._parse_blocks(blocks) if shuffle == "block" else None
-        self._part = shard.part(self.num_records) if shard.mode != "global" else None
+        self._owned = part.records(self.num_records) if part.mode != "global" else None
         self._local_blocks = (
             None
             if self._block_starts is None
             else (
                 self._block_starts
-                if self._part is None
-                else np.unique(np.searchsorted(self._part, self._block_starts))
+                if self._owned is None
+                else np.unique(np.searchsorted(self._owned, self._block_starts))
             )
         )
         self.steps_per_epoch = self._steps_per_epoch()
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"no full batch: {self.num_records} records, global batch size {self.batch_size}, "
-                f"{shard.count} process(es) in {shard.mode!r} mode with drop_remainder=True"
+                f"{part.count} process(es) in {part.mode!r} mode with drop_remainder=True"
             )
-        self._cache: dict[int, np.ndarray] = {}
+        self._cache: dict[int, np.ndarray] = {}  # the last two epochs' orders
+        self._cache_lock = threading.Lock()
 
     # ----------------------------------------------------------------- setup
     def _parse_blocks(self, blocks) -> np.ndarray:
@@ -185,13 +137,13 @@ class Sampler:
 
     def _positions(self) -> int:
         """Records in one epoch's order for this process (before dropping or padding)."""
-        return self.num_records if self._part is None else len(self._part)
+        return self.num_records if self._owned is None else len(self._owned)
 
     def _steps_per_epoch(self) -> int:
-        if self.shard.mode == "global" or self.shard.count == 1:
+        if self.part.mode == "global" or self.part.count == 1:
             n, b = self.num_records, self.batch_size
         else:
-            sizes = [self.shard.part_size(self.num_records, i) for i in range(self.shard.count)]
+            sizes = [self.part.size(self.num_records, i) for i in range(self.part.count)]
             n, b = (min(sizes) if self.drop_remainder else max(sizes)), self.local_batch_size
         return n // b if self.drop_remainder else math.ceil(n / b)
 
@@ -201,21 +153,22 @@ class Sampler:
         order = self._cache.get(epoch)
         if order is None:
             order = self._make_order(epoch)
-            if len(self._cache) >= 2:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[epoch] = order
+            with self._cache_lock:  # prefetch threads may cross an epoch boundary together
+                self._cache[epoch] = order
+                while len(self._cache) > 2:
+                    self._cache.pop(next(iter(self._cache)))
         return order
 
     def _make_order(self, epoch: int) -> np.ndarray:
         m = self._positions()
-        rank_word = 0 if self._part is None else self.shard.index + 1
+        rank_word = 0 if self._owned is None else self.part.index + 1
         if self.shuffle == "none":
             pos = np.arange(m, dtype=np.int64)
         elif self.shuffle == "full":
             pos = _rng(self.seed, _STREAM_ORDER, epoch, rank_word).permutation(m)
         else:
             pos = self._block_order(m, epoch, rank_word)
-        return pos if self._part is None else self._part[pos]
+        return pos if self._owned is None else self._owned[pos]
 
     def _block_order(self, m: int, epoch: int, rank_word: int) -> np.ndarray:
         starts = self._local_blocks
@@ -247,9 +200,9 @@ class Sampler:
             raise IndexError(f"step {step} is outside [0, {self.total_steps}) ({self.num_epochs} epoch(s))")
         epoch, within = divmod(step, self.steps_per_epoch)
         order = self.epoch_order(epoch)
-        if self._part is None:
+        if self._owned is None:
             b = self.batch_size
-            start = within * b + self.shard.index * self.local_batch_size
+            start = within * b + self.part.index * self.local_batch_size
         else:
             start = within * self.local_batch_size
         pos = np.arange(start, start + self.local_batch_size)
@@ -262,13 +215,19 @@ class Sampler:
         """Record indices of this process's part of global batch ``step``."""
         return self._lookup(step)[0]
 
-    def mask(self, step: int) -> np.ndarray | None:
-        """``None`` when batch ``step`` is all real records, else ``True`` for real ones."""
-        return self._lookup(step)[1]
-
     def indices_and_mask(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(indices(step), mask(step))`` in one lookup."""
+        """``(indices(step), mask)``: the mask is ``None`` when every record is real, else ``True``
+        for real records and ``False`` for the padding of a last, short batch."""
         return self._lookup(step)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_cache={}, _cache_lock=None)  # workers compute their own orders
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cache_lock = threading.Lock()
 
     # ----------------------------------------------------------------- identity
     def describe(self) -> str:
@@ -281,13 +240,13 @@ class Sampler:
         if self._block_starts is not None:
             digest = hashlib.sha256(self._block_starts.tobytes()).hexdigest()[:12]
             blocks = f", blocks={len(self._block_starts)}:{digest}, window={self.window}"
-        shard = f"mode={self.shard.mode!r}"
-        if self.shard.mode != "global":
-            shard += f", count={self.shard.count}"
+        part = f"mode={self.part.mode!r}"
+        if self.part.mode != "global":
+            part += f", count={self.part.count}"
         return (
             f"Sampler(num_records={self.num_records}, batch_size={self.batch_size}, seed={self.seed}, "
-            f"shuffle={self.shuffle!r}{blocks}, drop_remainder={self.drop_remainder}, {shard})"
+            f"shuffle={self.shuffle!r}{blocks}, drop_remainder={self.drop_remainder}, {part})"
         )
 
     def __repr__(self) -> str:
-        return self.describe()[:-1] + f", index={self.shard.index}, num_epochs={self.num_epochs})"
+        return self.describe()[:-1] + f", index={self.part.index}, num_epochs={self.num_epochs})"

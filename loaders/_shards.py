@@ -1,4 +1,4 @@
-"""Turning a shard spec (list, glob, brace pattern, ATEK YAML list) into file paths."""
+"""Turning a shard list (list, glob, brace pattern, ATEK YAML list) into file paths."""
 
 from __future__ import annotations
 

@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loaders import H5CachedSource, H5Source, Loader, Sampler, ShardSpec, StateMismatchError, TarSource
+from loaders import H5CachedSource, H5Source, Loader, ProcessPart, Sampler, StateMismatchError, TarSource
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("grain")
 
-from adapters.grain import GrainLoader, split_for_devices  # noqa: E402
+from adapters.grain import GrainLoader  # noqa: E402
+from adapters.jax import split_for_devices  # noqa: E402
 from adapters.torch import TorchLoader, create_dataloader, create_native_atek_dataloader  # noqa: E402
 
 BATCH = 64  # 300 records: 4 steps an epoch, so 7 steps cross an epoch boundary
@@ -221,7 +222,7 @@ def test_device_batches_on_four_cpu_devices(tmp_path):
         import os
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
         import jax, numpy as np
-        from adapters.grain import device_batches, jax_shard_spec
+        from adapters.jax import device_batches, process_part
         batches = [{"x": np.full((8, 3), i, np.float32)} for i in range(5)]
         out = list(device_batches(iter(batches), copy=True))
         assert len(out) == 5 and out[4]["x"].shape == (4, 2, 3)
@@ -245,20 +246,20 @@ def test_device_batches_on_four_cpu_devices(tmp_path):
         assert [s.device for s in out[0]["x"].addressable_shards] == jax.local_devices()
         f = jax.pmap(lambda a: jax.lax.psum(a.sum(), "d"), axis_name="d")
         assert float(f(host[2]["x"])[0]) == float(f(out[2]["x"])[0])
-        print(float(f(out[2]["x"])[0]), jax_shard_spec())
+        print(float(f(out[2]["x"])[0]), process_part())
         """
     )
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "48.0 ShardSpec(index=0, count=1, mode='global')"
+    assert out.stdout.strip() == "48.0 ProcessPart(index=0, count=1, mode='global')"
 
 
 def test_cached_source_in_process_shard(request):
     path = request.getfixturevalue("h5_path")
-    shard = ShardSpec(1, 2, "interleave")
-    src = H5CachedSource(path, keys=["y"], shard=shard)
-    loader = TorchLoader(src, Sampler(len(src), 16, seed=0, shard=shard), num_workers=2)
+    part = ProcessPart(1, 2, "interleave")
+    src = H5CachedSource(path, keys=["y"], part=part)
+    loader = TorchLoader(src, Sampler(len(src), 16, seed=0, part=part), num_workers=2)
     ys = take(loader, 3)
     assert all(b["y"].shape == (8,) for b in ys)
     src.close()
@@ -367,10 +368,11 @@ MULTI = textwrap.dedent(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
     from loaders import H5Source, Loader, Sampler
-    from adapters.grain import GrainLoader, jax_shard_spec
-    spec = jax_shard_spec()
+    from adapters.grain import GrainLoader
+    from adapters.jax import process_part
+    spec = process_part()
     src = H5Source(sys.argv[3], keys=["y"])
-    loader = GrainLoader(src, Sampler(len(src), 64, seed=5, shard=spec))
+    loader = GrainLoader(src, Sampler(len(src), 64, seed=5, part=spec))
     ys = [b["y"].tolist() for _, b in zip(range(3), loader)]
     print(json.dumps({"index": spec.index, "count": spec.count, "ys": ys}), flush=True)
     jax.distributed.shutdown()

@@ -14,9 +14,9 @@ from loaders import (
     H5Source,
     Loader,
     LoaderState,
+    ProcessPart,
     Registry,
     Sampler,
-    ShardSpec,
     StateMismatchError,
     TarSource,
 )
@@ -24,13 +24,13 @@ from loaders import (
 SOURCES = ["tar", "h5", "h5_cached"]
 
 
-def build_source(kind, request, shard=None):
+def build_source(kind, request, part=None):
     if kind == "tar":
         return TarSource(request.getfixturevalue("wds_shards"))
     path = request.getfixturevalue("h5_path")
     if kind == "h5":
         return H5Source(path, keys=["x", "y"])
-    return H5CachedSource(path, keys=["x", "y"], shard=shard)
+    return H5CachedSource(path, keys=["x", "y"], part=part)
 
 
 def assert_batches_equal(a, b):
@@ -51,9 +51,9 @@ def take(loader, n):
 @pytest.mark.parametrize("kind", SOURCES)
 def test_golden_resume(kind, prefetch, request):
     """Save after k batches, restore into a fresh loader: the rest is identical, bit for bit."""
-    shard = ShardSpec(0, 1)
-    src = build_source(kind, request, shard)
-    sampler = Sampler(len(src), 32, seed=7, shuffle="full", shard=shard)
+    part = ProcessPart(0, 1)
+    src = build_source(kind, request, part)
+    sampler = Sampler(len(src), 32, seed=7, shuffle="full", part=part)
     steps = sampler.steps_per_epoch
     k, total = steps - 2, steps + 3  # the resumed part crosses an epoch boundary
     reference = take(Loader(src, sampler, prefetch=prefetch), total)
@@ -61,7 +61,7 @@ def test_golden_resume(kind, prefetch, request):
     head = take(first, k)
     state = json.loads(json.dumps(first.state_dict()))  # survives JSON
     assert state["step"] == k  # counts batches taken, not prefetched
-    fresh = Loader(build_source(kind, request, shard), Sampler(len(src), 32, seed=7, shard=shard), prefetch=prefetch)
+    fresh = Loader(build_source(kind, request, part), Sampler(len(src), 32, seed=7, part=part), prefetch=prefetch)
     fresh.load_state_dict(state)
     assert_batches_equal(head + take(fresh, total - k), reference)
 
@@ -83,9 +83,9 @@ def test_get_then_set_without_advancing_changes_nothing(kind, request):
 def test_cached_source_resumes_per_rank(request):
     path = request.getfixturevalue("h5_path")
     for rank in range(2):
-        shard = ShardSpec(rank, 2, "contiguous")
-        src = H5CachedSource(path, keys=["y"], shard=shard)
-        sampler = Sampler(len(src), 20, seed=3, shard=shard)
+        part = ProcessPart(rank, 2, "contiguous")
+        src = H5CachedSource(path, keys=["y"], part=part)
+        sampler = Sampler(len(src), 20, seed=3, part=part)
         reference = take(Loader(src, sampler), 12)
         a = Loader(src, sampler)
         take(a, 5)
@@ -121,7 +121,7 @@ def test_global_mode_state_moves_between_process_counts(request):
     reference = take(one, 2)
     parts = []
     for r in range(2):
-        part = Loader(src, Sampler(len(src), 32, seed=4, shard=ShardSpec(r, 2)))
+        part = Loader(src, Sampler(len(src), 32, seed=4, part=ProcessPart(r, 2)))
         part.load_state_dict(state)
         parts.append(take(part, 2))
     for step in range(2):
@@ -163,7 +163,7 @@ def test_loader_rejects_mismatched_sampler(request):
     src = H5Source(path, keys=["y"])
     with pytest.raises(ValueError, match="the sampler is built for 299 records, the source has 300"):
         Loader(src, Sampler(299, 8))
-    cached = H5CachedSource(path, keys=["y"], shard=ShardSpec(0, 2, "contiguous"))
+    cached = H5CachedSource(path, keys=["y"], part=ProcessPart(0, 2, "contiguous"))
     with pytest.raises(ValueError, match="holds only contiguous part 0/2; the sampler reads global part 0/1"):
         Loader(cached, Sampler(300, 8))
     cached.close()

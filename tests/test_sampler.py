@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loaders import Sampler, ShardSpec
+from loaders import ProcessPart, Sampler
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -61,7 +61,7 @@ def test_ranks_are_disjoint_cover_the_data_and_take_equal_steps(n, per_rank, cou
     b = per_rank * count
     try:
         samplers = [
-            Sampler(n, b, seed=seed, shuffle=shuffle, drop_remainder=drop, shard=ShardSpec(r, count, mode), blocks=5)
+            Sampler(n, b, seed=seed, shuffle=shuffle, drop_remainder=drop, part=ProcessPart(r, count, mode), blocks=5)
             for r in range(count)
         ]
     except ValueError as e:
@@ -84,7 +84,7 @@ def test_global_mode_batches_do_not_depend_on_process_count(n, seed, shuffle):
     b = 16
     reference = Sampler(n, b, seed=seed, shuffle=shuffle, blocks=10)
     for count in (2, 4):
-        parts = [Sampler(n, b, seed=seed, shuffle=shuffle, blocks=10, shard=ShardSpec(r, count)) for r in range(count)]
+        parts = [Sampler(n, b, seed=seed, shuffle=shuffle, blocks=10, part=ProcessPart(r, count)) for r in range(count)]
         for step in (0, 1, reference.steps_per_epoch, 2 * reference.steps_per_epoch + 1):
             joined = np.concatenate([p.indices(step) for p in parts])
             np.testing.assert_array_equal(joined, reference.indices(step))
@@ -133,21 +133,21 @@ def test_num_epochs_ends_the_stream():
 
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="global batch_size 10 does not divide among 4 processes"):
-        Sampler(100, 10, shard=ShardSpec(0, 4))
+        Sampler(100, 10, part=ProcessPart(0, 4))
     with pytest.raises(ValueError, match="shuffle must be one of"):
         Sampler(100, 10, shuffle="random")
     with pytest.raises(ValueError, match='shuffle="block" needs blocks='):
         Sampler(100, 10, shuffle="block")
-    with pytest.raises(ValueError, match="ShardSpec.index must be in"):
-        ShardSpec(2, 2)
-    with pytest.raises(ValueError, match="ShardSpec.mode must be one of"):
-        ShardSpec(0, 2, "strided")
+    with pytest.raises(ValueError, match="ProcessPart.index must be in"):
+        ProcessPart(2, 2)
+    with pytest.raises(ValueError, match="ProcessPart.mode must be one of"):
+        ProcessPart(0, 2, "strided")
 
 
 def test_describe_leaves_out_what_may_change_on_resume():
     one = Sampler(100, 8, seed=1)
-    two = Sampler(100, 8, seed=1, shard=ShardSpec(1, 2))
+    two = Sampler(100, 8, seed=1, part=ProcessPart(1, 2))
     assert one.describe() == two.describe()  # global mode: process count may change
-    c2 = Sampler(100, 8, seed=1, shard=ShardSpec(0, 2, "contiguous"))
-    c4 = Sampler(100, 8, seed=1, shard=ShardSpec(0, 4, "contiguous"))
+    c2 = Sampler(100, 8, seed=1, part=ProcessPart(0, 2, "contiguous"))
+    c4 = Sampler(100, 8, seed=1, part=ProcessPart(0, 4, "contiguous"))
     assert c2.describe() != c4.describe()  # a rank-owned split may not

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from loaders import H5CachedSource, ShardSpec
+from loaders import H5CachedSource, ProcessPart
 
 ROWS, COLS = 16384, 512  # 32 MiB of float32
 
@@ -117,6 +117,6 @@ def test_segment_removed_after_sigkill(big_h5):
 
 
 def test_contiguous_part_loads_only_its_rows(big_h5):
-    with H5CachedSource(big_h5, shard=ShardSpec(1, 4, "contiguous")) as part:
+    with H5CachedSource(big_h5, part=ProcessPart(1, 4, "contiguous")) as part:
         assert part.nbytes == ROWS // 4 * COLS * 4
         np.testing.assert_array_equal(part.read_batch([ROWS // 4])["x"][0, :3], [ROWS // 4 * COLS + k for k in range(3)])

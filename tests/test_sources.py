@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from loaders import DataError, H5CachedSource, H5Source, ShardSpec, TarSource, expand_shards
+from loaders import DataError, H5CachedSource, H5Source, ProcessPart, TarSource, expand_shards
 from loaders._tar import load_index
 
 from .conftest import make_records, write_wds
@@ -329,18 +329,18 @@ def test_h5_file_changed_under_a_source(tmp_path):
 
 def test_cached_source_holds_only_its_part(h5_path, records):
     x, y = records
-    part = H5CachedSource(h5_path, keys=["x", "y"], shard=ShardSpec(1, 3, "interleave"))
+    part = H5CachedSource(h5_path, keys=["x", "y"], part=ProcessPart(1, 3, "interleave"))
     assert part.nbytes < x.nbytes
     b = part.read_batch([1, 4, 298])
     np.testing.assert_array_equal(b["y"], y[[1, 4, 298]])
     with pytest.raises(IndexError, match=r"record 2 is not in this rank's part \(interleave 1/3\)"):
         part.read_batch([2])
-    cont = H5CachedSource(h5_path, keys=["y"], shard=ShardSpec(1, 2, "contiguous"))
+    cont = H5CachedSource(h5_path, keys=["y"], part=ProcessPart(1, 2, "contiguous"))
     np.testing.assert_array_equal(cont.read_batch([150, 299])["y"], y[[150, 299]])
     with pytest.raises(IndexError, match="record 149 is not in this rank's part"):
         cont.read_batch([149])
     with pytest.raises(ValueError, match="H5CachedSource holds one rank's part"):
-        H5CachedSource(h5_path, shard=ShardSpec(0, 2, "global"))
+        H5CachedSource(h5_path, part=ProcessPart(0, 2, "global"))
     part.close()
     cont.close()
 

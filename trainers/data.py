@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from loaders import H5CachedSource, H5Source, Loader, Sampler, ShardSpec, TarSource
+from loaders import H5CachedSource, H5Source, Loader, ProcessPart, Sampler, TarSource
 
 from .config import DataConfig
 
@@ -90,7 +90,7 @@ def _paths(cfg: DataConfig) -> tuple[Any, Any]:
     return (cfg.train or p[f"{kind}_train"]), (cfg.eval or p[f"{kind}_eval"])
 
 
-def _source(cfg: DataConfig, path: Any, shard: ShardSpec | None) -> Any:
+def _source(cfg: DataConfig, path: Any, part: ProcessPart | None) -> Any:
     if cfg.source == "tar":
         rename = cfg.key_mapping
         keys = cfg.keys
@@ -98,14 +98,14 @@ def _source(cfg: DataConfig, path: Any, shard: ShardSpec | None) -> Any:
             rename, keys = MNIST1D_TAR_FIELDS, list(MNIST1D_TAR_FIELDS)
         return TarSource(path, keys=keys or (list(rename) if rename else None), rename=rename)
     if cfg.source == "h5_cached":
-        return H5CachedSource(path, keys=cfg.keys, rename=cfg.key_mapping, shard=shard)
+        return H5CachedSource(path, keys=cfg.keys, rename=cfg.key_mapping, part=part)
     return H5Source(path, keys=cfg.keys, rename=cfg.key_mapping)
 
 
-def build_sources(cfg: DataConfig, shard: ShardSpec) -> tuple[Any, Any | None]:
+def build_sources(cfg: DataConfig, part: ProcessPart) -> tuple[Any, Any | None]:
     """The training source (this process's part for ``h5_cached``) and the evaluation source."""
     train_path, eval_path = _paths(cfg)
-    train = _source(cfg, train_path, shard)
+    train = _source(cfg, train_path, part)
     evaluation = _source(cfg, eval_path, None) if eval_path is not None else None
     return train, evaluation
 

@@ -10,9 +10,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-AXIS = "devices"
+from adapters.jax import AXIS, sharding
 
 
 def local_devices(count: int | None = None) -> list:
@@ -22,11 +21,6 @@ def local_devices(count: int | None = None) -> list:
     if not 1 <= count <= len(devices):
         raise ValueError(f"train.devices={count}, but this process has {len(devices)} local device(s)")
     return devices[:count]
-
-
-def sharding(devices: list) -> NamedSharding:
-    """Arrays split along their first axis, one slice per device: what pmap takes and returns."""
-    return NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
 
 
 def replicate(tree: Any, devices: list) -> Any:

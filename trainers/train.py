@@ -26,8 +26,8 @@ import optax
 import yaml
 from flax import nnx
 
-from adapters.grain import device_batches
-from loaders import LoaderState, Sampler, ShardSpec
+from adapters.jax import device_batches, process_part
+from loaders import LoaderState, Sampler
 
 from . import checkpoints, parallel
 from .config import Config, OptimizerConfig, ScheduleConfig
@@ -197,14 +197,14 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
     cfg, tc = config.data, config.train
     devices = parallel.local_devices(tc.devices)
     mode = "contiguous" if cfg.source == "h5_cached" else "global"
-    shard = ShardSpec(jax.process_index(), jax.process_count(), mode)
-    train_src, eval_src = build_sources(cfg, shard)
+    part = process_part(mode)
+    train_src, eval_src = build_sources(cfg, part)
     blocks = train_src.block_starts if cfg.shuffle == "block" else None
-    sampler = Sampler(len(train_src), cfg.batch_size, seed=config.seed, shuffle=cfg.shuffle, shard=shard, blocks=blocks)
+    sampler = Sampler(len(train_src), cfg.batch_size, seed=config.seed, shuffle=cfg.shuffle, part=part, blocks=blocks)
     if sampler.local_batch_size % len(devices):
         raise ValueError(
             f"data.batch_size={cfg.batch_size} gives {sampler.local_batch_size} records per process, which do not "
-            f"split over {len(devices)} local devices: use a multiple of {len(devices) * shard.count}"
+            f"split over {len(devices)} local devices: use a multiple of {len(devices) * part.count}"
         )
     total = tc.steps if tc.steps is not None else (tc.epochs or 1) * sampler.steps_per_epoch
     keymap = {cfg.input_key: "x", cfg.label_key: "y", "_valid": "_valid"}
