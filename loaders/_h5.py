@@ -1,4 +1,15 @@
-"""HDF5 sources: lazy (read on demand) and cached (this rank's part in shared memory)."""
+"""HDF5 sources: lazy (read on demand) and cached (this rank's part in shared memory).
+
+Every read returns arrays in native byte order, whichever path read them (the direct
+``mmap`` gather, h5py, or the shared-memory cache).
+
+Random single-record reads through HDF5's chunk cache: with any cache of at least one
+chunk, each ``f["x"][i]`` pulls (reads and decompresses) the whole chunk holding record
+``i``. Measured for 1024x128 float32 chunks: about 11k records/s with such a cache
+smaller than the dataset, about 150k/s with ``rdcc_nbytes=0`` (no cache), and about
+210k/s with a cache larger than the dataset. ``H5Source`` avoids the question for
+uncompressed data (the direct path) and reads whole chunk runs per batch otherwise.
+"""
 
 from __future__ import annotations
 
@@ -37,13 +48,40 @@ def _open(path: str, **cache: Any):
         raise DataError(f"{path}: cannot open as HDF5: {msg}") from e
 
 
-def _keys_of(f, path: str, keys: str | Sequence[str] | None) -> list[str]:
+def _not_records(ds) -> tuple[str, str] | None:
+    """Why ``ds`` cannot hold records, as ``(short reason, sentence)``; None when it can."""
+    if ds.shape is None:
+        return "empty (NULL dataspace)", "has no data (NULL dataspace)"
+    if len(ds.shape) == 0:
+        return "scalar", "is a scalar; records need a first dimension"
+    return None
+
+
+def _keys_of(f, path: str, keys: str | Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
+    """The dataset names to read, and ``{name: reason}`` for top-level datasets left out.
+
+    By default every top-level dataset with a leading record axis is read; scalars and
+    NULL-dataspace datasets (metadata such as ``f["version"] = 3``) are skipped. Asked
+    for by name, such a dataset is an error.
+    """
+    h5py = _h5py()
     if keys is None:
-        h5py = _h5py()
-        found = [k for k, v in f.items() if isinstance(v, h5py.Dataset)]
+        found: list[str] = []
+        skipped: dict[str, str] = {}
+        for k, v in f.items():
+            if not isinstance(v, h5py.Dataset):
+                continue
+            problem = _not_records(v)
+            if problem is None:
+                found.append(k)
+            else:
+                skipped[k] = problem[0]
         if not found:
+            if skipped:
+                listed = ", ".join(f"{k}: {why}" for k, why in skipped.items())
+                raise DataError(f"{path}: no dataset with a record axis at the top level (skipped: {listed}); pass keys=[...]")
             raise DataError(f"{path}: no datasets at the top level; pass keys=[...]")
-        return found
+        return found, skipped
     keys = [keys] if isinstance(keys, str) else list(keys)
     if not keys:
         raise ValueError(f"{path}: keys is empty")
@@ -51,7 +89,16 @@ def _keys_of(f, path: str, keys: str | Sequence[str] | None) -> list[str]:
         if k not in f:
             have = _dataset_names(f)
             raise DataError(f"{path}: no dataset {k!r}; the file has: {', '.join(have) or '(none)'}")
-    return keys
+        obj = f[k]
+        if isinstance(obj, h5py.Group):
+            inside = [f"{k.strip('/')}/{n}" for n in _dataset_names(obj)]
+            raise DataError(f"{path}: {k!r} is a group, not a dataset; its datasets: {', '.join(inside) or '(none)'}")
+        if not isinstance(obj, h5py.Dataset):
+            raise DataError(f"{path}: {k!r} is not a dataset")
+        problem = _not_records(obj)
+        if problem is not None:
+            raise DataError(f"{path}: dataset {k!r} {problem[1]}")
+    return keys, {}
 
 
 def _dataset_names(f) -> list[str]:
@@ -60,15 +107,29 @@ def _dataset_names(f) -> list[str]:
     return names
 
 
-def _check_lengths(path: str, shapes: Mapping[str, tuple]) -> int:
-    for k, shape in shapes.items():
-        if len(shape) == 0:
-            raise DataError(f"{path}: dataset {k!r} is a scalar; records need a first dimension")
+def _check_lengths(path: str, shapes: Mapping[str, tuple], *, chosen: bool) -> int:
     lengths = {k: s[0] for k, s in shapes.items()}
     if len(set(lengths.values())) > 1:
         listed = ", ".join(f"{k}={n}" for k, n in lengths.items())
-        raise DataError(f"{path}: keys have different lengths ({listed}); all selected keys must share the first dimension")
+        hint = "" if chosen else ": pass keys=[...] to choose"
+        raise DataError(
+            f"{path}: keys have different lengths ({listed}); all selected keys must share the first dimension{hint}"
+        )
     return next(iter(lengths.values()))
+
+
+def _vlen_kind(dtype: np.dtype) -> str | None:
+    """What variable-length (object) data ``dtype`` holds, or None for fixed-size data."""
+    if not dtype.hasobject:
+        return None
+    h5py = _h5py()
+    string = h5py.check_string_dtype(dtype)
+    if string is not None and string.length is None:
+        return f"variable-length strings ({string.encoding})"
+    vlen = h5py.check_vlen_dtype(dtype)
+    if vlen is not None:
+        return f"variable-length arrays of {np.dtype(vlen)}"
+    return "variable-length or object data"
 
 
 def _direct_layout(ds, file_size: int) -> np.ndarray | None:
@@ -118,9 +179,17 @@ class _Key:
         self.chunk_rows = ds.chunks[0] if ds.chunks else None
         self.row_bytes = ds.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
         self.starts = _direct_layout(ds, file_size) if direct else None
+        # What reads return: native byte order (also inside compound fields), and a
+        # subarray dtype ("array" datatype) unfolded into the record shape.
+        self.native = ds.dtype.newbyteorder("=")
+        probe = np.empty((0, *self.shape[1:]), dtype=self.native)
+        self.out_dtype = probe.dtype
+        self.record_shape = probe.shape[1:]
 
     def describe(self) -> str:
-        return f"{self.name}:{self.dtype.str}{list(self.shape)}"
+        # dtype.str of a compound dtype is only its size ("|V12"): name the fields then
+        dtype = self.dtype.str if self.dtype.names is None else str(self.dtype.descr)
+        return f"{self.name}:{dtype}{list(self.shape)}"
 
 
 class H5Source:
@@ -128,12 +197,15 @@ class H5Source:
 
     Args:
       path: the HDF5 file.
-      keys: dataset names to read (default: every dataset at the top level). All must
-        share the first dimension, which indexes records.
+      keys: dataset names to read (default: every top-level dataset with a leading
+        record axis; scalars and NULL-dataspace datasets are skipped and listed in
+        :attr:`skipped`). All must share the first dimension, which indexes records.
       rename: optional ``{dataset: output name}`` for the batch dict keys.
       rdcc_nbytes, rdcc_nslots, rdcc_w0: HDF5's chunk cache for this file (h5py's
-        defaults when None). Random single-record reads want ``rdcc_nbytes=0`` or a
-        cache larger than the data (see PITFALLS.md).
+        defaults when None). Random single-record reads through HDF5 want
+        ``rdcc_nbytes=0`` or a cache larger than the data: any other cache of at
+        least one chunk pulls a whole chunk per record (about 11k records/s, against
+        150k/s and 210k/s, for 1024x128 float32 chunks; see the module docstring).
       direct: read uncompressed datasets straight from the file's bytes (an ``mmap``
         per process) instead of through HDF5: the fast path for shuffled reads.
         Compressed or unusually chunked datasets always go through h5py.
@@ -142,7 +214,13 @@ class H5Source:
     source can be pickled into fork, spawn or forkserver workers without a
     worker-init hook. ``read_batch`` groups reads: a whole batch costs one gather per
     key on the direct path, and one h5py read per run of touched chunks otherwise.
+    Arrays come back in native byte order on every path.
     """
+
+    # The trainer picks files and the process part by these: an HDF5 file, read lazily,
+    # so any ProcessPart mode (``global`` included) can drive it.
+    data_format = "hdf5"
+    holds_part = False
 
     def __init__(
         self,
@@ -159,10 +237,10 @@ class H5Source:
         self._cache_opts = {"rdcc_nbytes": rdcc_nbytes, "rdcc_nslots": rdcc_nslots, "rdcc_w0": rdcc_w0}
         stat = os.stat(self.path) if os.path.exists(self.path) else None
         with _open(self.path, **self._cache_opts) as f:
-            names = _keys_of(f, self.path, keys)
+            names, self._skipped = _keys_of(f, self.path, keys)
             size = stat.st_size if stat else 0
             self._keys = [_Key(k, f[k], size, direct) for k in names]
-        self._num_records = _check_lengths(self.path, {k.name: k.shape for k in self._keys})
+        self._num_records = _check_lengths(self.path, {k.name: k.shape for k in self._keys}, chosen=keys is not None)
         self._stat = (stat.st_size, stat.st_mtime_ns) if stat else None
         self.rename = dict(rename or {})
         unknown = set(self.rename) - set(names)
@@ -189,12 +267,23 @@ class H5Source:
         rows = k.chunk_rows or max(1, (1 << 20) // max(1, k.row_bytes))
         return np.arange(0, self._num_records, rows, dtype=np.int64)
 
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Top-level datasets left out of the default keys, with why (``{"version": "scalar"}``)."""
+        return dict(self._skipped)
+
     def describe(self) -> str:
+        """What is read, for the resume fingerprint: file name, records, and each key's dtype and shape."""
+        # Skipped datasets are left out on purpose: they are never read, so they cannot
+        # change the records. The text is the same as with keys=[the selected names],
+        # and a skipped dataset that later gains a record axis joins the default keys
+        # and so changes this text anyway.
         keys = ", ".join(k.describe() for k in self._keys)
         return f"H5Source({os.path.basename(self.path)!r}, records={self._num_records}, keys=[{keys}])"
 
     def __repr__(self) -> str:
-        return f"H5Source({self.path!r}, keys={[k.name for k in self._keys]}, records={self._num_records})"
+        skipped = f", skipped={self._skipped}" if self._skipped else ""
+        return f"H5Source({self.path!r}, keys={[k.name for k in self._keys]}, records={self._num_records}{skipped})"
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         batch = self.read_batch(np.array([index]))
@@ -254,14 +343,16 @@ class H5Source:
             offsets = k.starts[chunk] + row * k.row_bytes
         rows = self._mm.get(k.row_bytes)[offsets]
         arr = rows.view(k.dtype).reshape((len(idx), *k.shape[1:]))
-        return arr if k.dtype.isnative else arr.astype(k.dtype.newbyteorder("="))
+        return arr if k.dtype.isnative else arr.astype(k.native)
 
     def _read_h5py(self, k: _Key, idx: np.ndarray) -> np.ndarray:
         ds = self._file[k.name]
         uniq, inverse = np.unique(idx, return_inverse=True)
         if len(uniq) == 0:
-            return np.empty((0, *k.shape[1:]), dtype=k.dtype)
-        out = np.empty((len(uniq), *k.shape[1:]), dtype=k.dtype)
+            return np.empty((0, *k.shape[1:]), dtype=k.native)
+        # Native byte order: h5py returns the file's (e.g. big-endian) order; the
+        # assignments below convert slab by slab.
+        out = np.empty((len(uniq), *k.shape[1:]), dtype=k.native)
         # Read runs of touched chunks (or the spanned range of a contiguous dataset)
         # as slabs: each chunk is read and decompressed once per batch.
         rows = k.chunk_rows or max(1, len(uniq))
@@ -298,7 +389,20 @@ class H5CachedSource:
 
     Indices stay *global* record numbers, so the same :class:`Sampler` (built with the
     same ``part``) drives it; asking for a record outside this rank's part is an error.
+    ``block_starts`` are the file's chunk starts in global record numbers, as
+    :class:`H5Source` gives them; the Sampler maps them onto the part itself.
+
+    Keys, ``rename`` and :attr:`skipped` work as in :class:`H5Source`; arrays come out
+    with the same (native byte order) dtypes, compound and fixed-length string dtypes
+    included. Variable-length data (``h5py.string_dtype()``, ``h5py.vlen_dtype``) is
+    refused: Python objects cannot live in shared memory.
     """
+
+    # The trainer picks files and the process part by these: an HDF5 file, of which this
+    # source loads only one process's part, so its Sampler needs the same
+    # ``contiguous``/``interleave`` ProcessPart, passed here as ``part=``.
+    data_format = "hdf5"
+    holds_part = True
 
     def __init__(
         self,
@@ -318,14 +422,20 @@ class H5CachedSource:
                 f"got mode='global' with {self.part.count} processes"
             )
         lazy = H5Source(self.path, keys, rename=rename)
+        for k in lazy._keys:
+            kind = _vlen_kind(k.dtype)
+            if kind is not None:
+                raise DataError(
+                    f"{self.path}: dataset {k.name!r} holds {kind}, which cannot be placed in shared memory: "
+                    "read it with H5Source (lazy), or pass keys=[...] without it"
+                )
         self._num_records = len(lazy)
         self._describe_keys = ", ".join(k.describe() for k in lazy._keys)
+        self._skipped = lazy.skipped
+        self._block_starts = lazy.block_starts
         part = self.part.records(self._num_records)
         self._part_size = len(part)
-        specs = {
-            lazy.rename.get(k.name, k.name): ((len(part), *k.shape[1:]), k.dtype.newbyteorder("="))
-            for k in lazy._keys
-        }
+        specs = {lazy.rename.get(k.name, k.name): ((len(part), *k.record_shape), k.out_dtype) for k in lazy._keys}
         self._arrays = SharedArrays(specs, share=share)
         step = max(1, (64 << 20) // max(1, sum(k.row_bytes for k in lazy._keys)))
         bar = _progress(len(part), f"caching {os.path.basename(self.path)}", progress)
@@ -342,7 +452,18 @@ class H5CachedSource:
 
     @property
     def keys(self) -> list[str]:
+        """Output names of the batch dict, in order."""
         return list(self._arrays.arrays)
+
+    @property
+    def block_starts(self) -> np.ndarray:
+        """Global record offsets of the file's chunks, as :attr:`H5Source.block_starts` (for ``shuffle="block"``)."""
+        return self._block_starts
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Top-level datasets left out of the default keys, with why."""
+        return dict(self._skipped)
 
     @property
     def nbytes(self) -> int:
@@ -355,6 +476,7 @@ class H5CachedSource:
         return self._arrays.name
 
     def describe(self) -> str:
+        """What is read, for the resume fingerprint (skipped datasets left out, as in H5Source)."""
         return (
             f"H5CachedSource({os.path.basename(self.path)!r}, records={self._num_records}, "
             f"keys=[{self._describe_keys}])"
@@ -364,7 +486,8 @@ class H5CachedSource:
         s = self.part
         return (
             f"H5CachedSource({self.path!r}, keys={self.keys}, records={self._num_records}, "
-            f"part={self._part_size} ({s.mode} {s.index}/{s.count}))"
+            f"part={self._part_size} ({s.mode} {s.index}/{s.count})"
+            + (f", skipped={self._skipped})" if self._skipped else ")")
         )
 
     def _local(self, idx: np.ndarray) -> np.ndarray:
@@ -392,6 +515,7 @@ class H5CachedSource:
         return {k: v[local] for k, v in self._arrays.arrays.items()}
 
     def read_records(self, indices) -> list[dict[str, np.ndarray]]:
+        """Records one by one (read as one batch, then split)."""
         batch = self.read_batch(indices)
         return [{k: v[i] for k, v in batch.items()} for i in range(len(indices))]
 

@@ -6,12 +6,17 @@ which registers it with Python's resource tracker: if the owner is killed, the t
 finalizer. Other processes attach read-only by mapping ``/dev/shm/<name>`` directly,
 so they never register the segment themselves (Python 3.11's attach does, and a
 process that is not the owner would then unlink it when it exits).
+
+The layout keeps each array's full dtype as a ``numpy.lib.format`` descriptor (plain
+strings, lists and tuples that survive pickling and JSON): compound dtypes keep their
+fields, offsets and padding, so attached arrays carry the same dtype as the owner's.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import warnings
 import weakref
 from multiprocessing import shared_memory
 from typing import Any
@@ -21,6 +26,18 @@ import numpy as np
 from ._errors import DataError
 
 _ALIGN = 64
+
+
+def _descr(dtype: np.dtype) -> Any:
+    """A plain-data descriptor of ``dtype`` (fields, offsets and padding included)."""
+    with warnings.catch_warnings():  # dtype metadata (e.g. h5py's enum names) is not kept
+        warnings.simplefilter("ignore", UserWarning)
+        return np.lib.format.dtype_to_descr(dtype)
+
+
+def _dtype(descr: Any) -> np.dtype:
+    """The dtype a descriptor from :func:`_descr` stands for."""
+    return np.lib.format.descr_to_dtype(descr)
 
 
 def _unlink(shm: shared_memory.SharedMemory, owner: int) -> None:
@@ -36,11 +53,17 @@ class SharedArrays:
     """Named arrays in one segment; ``share=False`` keeps them in private memory."""
 
     def __init__(self, specs: dict[str, tuple[tuple[int, ...], np.dtype]], *, share: bool = True) -> None:
-        self.layout: dict[str, tuple[int, tuple[int, ...], str]] = {}
+        self.layout: dict[str, tuple[int, tuple[int, ...], Any]] = {}
         offset = 0
         for name, (shape, dtype) in specs.items():
             dtype = np.dtype(dtype)
-            self.layout[name] = (offset, tuple(int(s) for s in shape), dtype.str)
+            if dtype.hasobject:
+                raise TypeError(f"shared memory cannot hold Python objects: array {name!r} has dtype {dtype}")
+            if dtype.subdtype is not None:  # a subarray dtype: its shape joins the array's, as numpy does
+                dtype, inner = dtype.subdtype
+                shape = (*shape, *inner)
+            shape = tuple(int(s) for s in shape)
+            self.layout[name] = (offset, shape, _descr(dtype))
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             offset += -(-nbytes // _ALIGN) * _ALIGN
         self.nbytes = offset
@@ -61,9 +84,9 @@ class SharedArrays:
 
     def _views(self, buf) -> dict[str, np.ndarray]:
         out = {}
-        for name, (offset, shape, dtype) in self.layout.items():
+        for name, (offset, shape, descr) in self.layout.items():
             count = int(np.prod(shape, dtype=np.int64))
-            out[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
+            out[name] = np.frombuffer(buf, dtype=_dtype(descr), count=count, offset=offset).reshape(shape)
         return out
 
     def freeze(self) -> None:
