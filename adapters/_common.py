@@ -1,8 +1,9 @@
-"""What both adapters share: the missing-framework error and the step cursor."""
+"""What both adapters share: the missing-framework error, the start-step check, and the consumer's step."""
 
 from __future__ import annotations
 
 import importlib
+import operator
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -24,36 +25,30 @@ def require(module: str, adapter: str) -> Any:
         raise ImportError(f"the {adapter} adapter needs {top}, which is not installed: {INSTALL.get(top, top)}") from e
 
 
-class StepCursor:
-    """The consumer's position over a :class:`Loader`: steps taken, never steps prefetched."""
-
-    def __init__(self, loader: Loader) -> None:
-        self.loader = loader
-        self.step = 0
-        self.generation = 0  # bumped by every restore, so a running iterator can start over
-
-    def end(self, per_epoch: bool = False) -> int | None:
-        """Where an iteration stops: the sampler's end, or with ``per_epoch`` this epoch's end."""
-        sampler = self.loader.sampler
-        total = sampler.total_steps
-        if not per_epoch:
-            return total
-        epoch_end = (self.step // sampler.steps_per_epoch + 1) * sampler.steps_per_epoch
-        return epoch_end if total is None else min(epoch_end, total)
-
-    def state(self) -> dict[str, Any]:
-        return LoaderState.create(self.step, self.loader.source, self.loader.sampler).to_dict()
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.step = LoaderState.from_dict(state).check(self.loader.source, self.loader.sampler)
-        self.generation += 1
+def check_start(step: int, sampler: Sampler) -> int:
+    """``step`` if a stream can start there: a step of ``sampler``, or its end (an empty stream)."""
+    step = operator.index(step)
+    total = sampler.total_steps
+    if step < 0 or (total is not None and step > total):
+        if total is None:
+            raise IndexError(f"cannot start at step {step}: steps start at 0")
+        raise IndexError(
+            f"cannot start at step {step}: the sampler has steps 0 to {total - 1} "
+            f"({sampler.num_epochs} epoch(s) of {sampler.steps_per_epoch}); {total}, its end, gives no batches"
+        )
+    return step
 
 
-class CountingAdapter:
-    """What both adapters share: the loader, the cursor, and counting what the consumer takes."""
+class StepAdapter:
+    """What both adapters share: the loader, and the step the consumer of ``iter(adapter)`` has reached.
+
+    Subclasses provide ``iter_from(step)``; ``__iter__`` counts the batches taken from
+    it, and the state is :class:`loaders.LoaderState` at that count.
+    """
 
     loader: Loader
-    cursor: StepCursor
+    _step: int = 0
+    _restores: int = 0  # bumped by every restore, so a running ``iter()`` stops and a new one starts there
 
     @property
     def sampler(self) -> Sampler:
@@ -61,18 +56,33 @@ class CountingAdapter:
 
     @property
     def step(self) -> int:
-        """The next global step handed to the consumer."""
-        return self.cursor.step
+        """The next global step handed to the consumer of ``iter(adapter)``."""
+        return self._step
 
     def __len__(self) -> int:
         """Batches per epoch."""
         return len(self.loader)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The shared resume state (:class:`loaders.LoaderState`, JSON-serializable) at :attr:`step`."""
+        return LoaderState.create(self._step, self.loader.source, self.loader.sampler).to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a state saved by any Tandem adapter over the same data and order.
+
+        A running ``iter(adapter)`` stops; the next one starts at the saved step.
+        """
+        step = LoaderState.from_dict(state).check(self.loader.source, self.loader.sampler)
+        self._step = check_start(step, self.loader.sampler)
+        self._restores += 1
+
     def _counted(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Yield ``batches``, advancing the cursor per batch taken; stop if a state is restored meanwhile."""
-        generation = self.cursor.generation
+        """Yield ``batches``, counting each one taken; stop if a state is restored after this call."""
+        return self._count(batches, self._restores)
+
+    def _count(self, batches: Iterable[dict[str, Any]], restores: int) -> Iterator[dict[str, Any]]:
         for batch in batches:
-            if self.cursor.generation != generation:
+            if self._restores != restores:
                 return  # restored mid-iteration: a new iter() starts at the restored step
-            self.cursor.step += 1
+            self._step += 1
             yield batch

@@ -14,12 +14,31 @@ notices its parent died); the main process unlinks every segment of its loader
 
 A slot is reused only ``slots`` batches later. Each slot starts with a sequence
 number that the worker sets to -1 while writing; the reader checks it before and
-after copying, so a slot overwritten too early is an error, never a wrong batch.
+after copying, so a slot overwritten too early is an error, never a wrong batch
+(on x86-64; see below).
+
+Why that holds, and where. The worker stores -1, then the batch, then the new
+sequence number; the reader loads the number, then the batch, then the number
+again. If any value the reader copied came from an overwrite, the worker's -1 was
+stored before it, so the second load sees -1 or a later number, not the one
+expected; and a reader that sees the expected number first sees the batch stored
+before it. This needs (1) each process's stores to become visible to the other in
+program order, and (2) the reader's loads not to be reordered with one another
+(and the 8-byte aligned number to be stored and loaded whole). x86-64 guarantees
+all of it (total store order: the only reordering it allows is a load passing an
+earlier store, which neither side relies on; numpy's copies are ordinary stores,
+or glibc memcpy's non-temporal ones for large blocks, which it fences before it
+returns). ARM and POWER do not: without memory barriers, which Python cannot
+issue, the reader may see part of a new batch and still the old number, and would
+return a wrong batch silently. So slots are used only on x86-64 (:func:`use_slots`);
+elsewhere the adapters keep their framework's own hand-off, which synchronizes
+through the kernel.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import uuid
 from collections import OrderedDict
 from multiprocessing import util
@@ -32,6 +51,25 @@ from loaders.shm import map_segment
 _HEADER = 64
 _ALIGN = 64
 _WRITING = -1
+
+ORDERED_MACHINES = ("x86_64", "AMD64", "amd64")  # platform.machine() of x86-64 (Linux/macOS, Windows, BSD)
+
+
+def use_slots(shared_slots: bool | None) -> bool:
+    """Whether workers hand batches over through slots: ``shared_slots`` as asked, ``None``
+    meaning where the ordering argument above holds (x86-64). ``True`` elsewhere raises."""
+    machine = platform.machine()
+    ordered = machine in ORDERED_MACHINES
+    if shared_slots is None:
+        return ordered and os.path.isdir("/dev/shm")  # the slots are files there (Linux)
+    if shared_slots and not ordered:
+        raise ValueError(
+            f"shared_slots=True needs an x86-64 machine, and this one is {machine!r}: the slots detect a batch "
+            "overwritten while it is read only if each process's memory stores and loads stay in program order, "
+            f"which x86-64 guarantees and {machine!r} does not without memory barriers (Python cannot issue them), "
+            "so a wrong batch could pass unnoticed. Use shared_slots=None (here: the framework's own hand-off) or False."
+        )
+    return bool(shared_slots)
 
 
 class _Layout(NamedTuple):

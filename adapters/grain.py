@@ -16,8 +16,8 @@ from typing import Any
 
 from loaders import Loader, Sampler
 
-from ._common import CountingAdapter, StepCursor, require
-from ._slots import SlotReader, SlotRef, SlotWriter, new_token, unlink_created
+from ._common import StepAdapter, check_start, require
+from ._slots import SlotReader, SlotRef, SlotWriter, new_token, unlink_created, use_slots
 
 grain = require("grain", "Grain")
 
@@ -76,7 +76,7 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-class GrainLoader(CountingAdapter):
+class GrainLoader(StepAdapter):
     """Iterate Tandem batches (numpy dicts) through Grain, with Grain's multiprocessing prefetch.
 
     Args:
@@ -89,13 +89,16 @@ class GrainLoader(CountingAdapter):
         prefetcher already reads ahead in its own thread.
       transform, collate: per-record transform ``fn(record, rng)`` and collate.
       shared_slots: workers hand batches over through a ring of shared-memory slots
-        they reuse, instead of Grain's new segment per array per batch.
+        they reuse, instead of Grain's new segment per array per batch. ``None`` (the
+        default): where that hand-off is sound, x86-64 (see :mod:`adapters._slots`);
+        ``True`` elsewhere raises. ``False``: Grain's own hand-off.
 
     ``dataset`` is the ``grain.MapDataset`` of all steps (element ``s`` = batch ``s``),
-    for users who want to add Grain transformations; iterate this object to get the
-    resumable stream. ``get_state()`` / ``set_state()`` exchange the shared
-    :class:`loaders.LoaderState`, not Grain's per-worker state, so a run may resume
-    with another ``worker_count`` or in the PyTorch adapter.
+    for users who want to add Grain transformations. ``iter_from(step)`` streams from
+    any step; iterate this object to get the resumable stream. ``get_state()`` /
+    ``set_state()`` exchange the shared :class:`loaders.LoaderState`, not Grain's
+    per-worker state, so a run may resume with another ``worker_count`` or in the
+    PyTorch adapter.
     """
 
     def __init__(
@@ -109,11 +112,10 @@ class GrainLoader(CountingAdapter):
         prefetch: int = 0,
         transform: Callable | None = None,
         collate: Callable | None = None,
-        shared_slots: bool = True,
+        shared_slots: bool | None = None,
     ) -> None:
         self.loader = Loader(source, sampler, transform=transform, collate=collate)
-        self.cursor = StepCursor(self.loader)
-        self.shared_slots = shared_slots
+        self.shared_slots = use_slots(shared_slots)
         self._reader = SlotReader(new_token())
         weakref.finalize(self, self._reader.close)
         self.worker_count = int(worker_count)
@@ -131,7 +133,7 @@ class GrainLoader(CountingAdapter):
         self._steps = self.dataset
 
     def iter_dataset(self, start: int) -> grain.IterDataset:
-        """The Grain pipeline from global step ``start`` (what ``__iter__`` runs)."""
+        """The Grain pipeline from global step ``start`` (what ``iter_from`` runs)."""
         ds = self.dataset[start:]
         if self.worker_count == 0:
             return ds.to_iter_dataset(self.read_options)
@@ -147,34 +149,45 @@ class GrainLoader(CountingAdapter):
     def _receive(self, item: Any) -> Any:
         return self._reader.take(item) if isinstance(item, SlotRef) else item
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def iter_from(self, step: int) -> Iterator[dict[str, Any]]:
+        """Batches of global steps ``step``, ``step + 1``, ... to the sampler's end (endless
+        when ``num_epochs`` is None), through the pipeline of :meth:`iter_dataset`.
+
+        Leaves :attr:`step` and the state alone: for a caller that keeps its own position
+        (a trainer whose device prefetcher reads ahead). ``step`` may be the sampler's end
+        (no batches); before 0 or past the end raises ``IndexError``.
+        """
+        step = check_start(step, self.loader.sampler)
         if self.worker_count == 0 and self.read_options.num_threads == 0:
             # Nothing to prefetch: read the MapDataset (with any transformation added to it)
             # by index in this process, without an IterDataset's per-element bookkeeping;
             # while ``dataset`` is the one built here, element ``s`` is just batch ``s``.
             ds = self.dataset
             read = self.loader.get_batch if ds is self._steps else ds.__getitem__
-            yield from self._counted(map(read, range(self.cursor.step, len(ds))))
-            return
-        it = iter(self.iter_dataset(self.cursor.step))
+            return map(read, range(step, len(ds)))
+        return self._pipeline(step)
+
+    def _pipeline(self, step: int) -> Iterator[dict[str, Any]]:
+        it = iter(self.iter_dataset(step))
         try:
-            yield from self._counted(it)
+            yield from it
         finally:
             close = getattr(it, "close", None)
             if close is not None:
                 close()
 
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The stream from :attr:`step` to the sampler's end, counting the batches taken."""
+        return self._counted(self.iter_from(self._step))
+
     def get_state(self) -> dict[str, Any]:
-        """The shared resume state (JSON-serializable)."""
-        return self.cursor.state()
+        """The shared resume state (JSON-serializable); the same as ``state_dict()``."""
+        return self.state_dict()
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Continue from a state saved by any Tandem adapter over the same data and order."""
-        self.cursor.restore(state)
-
-    # torchdata-style names too, so a trainer can treat both adapters alike
-    state_dict = get_state
-    load_state_dict = set_state
+        """Continue from a state saved by any Tandem adapter over the same data and order;
+        the same as ``load_state_dict()``."""
+        self.load_state_dict(state)
 
     def __repr__(self) -> str:
         return f"GrainLoader({self.loader.source!r}, {self.sampler!r}, worker_count={self.worker_count})"

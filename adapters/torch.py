@@ -1,7 +1,8 @@
 """PyTorch adapter: a ``DataLoader`` whose items are whole batches, indexed by step.
 
 The sampler alone decides the order; worker processes only call ``read_batch`` for
-the step they are given. The state counts batches the consumer has taken.
+the step they are given. ``iter_from(step)`` streams from any step; iterating the
+adapter streams from the step its consumer has reached, which the state counts.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import numpy as np
 
 from loaders import Loader, ProcessPart, Sampler, TarSource
 
-from ._common import CountingAdapter, StepCursor, require
-from ._slots import SlotReader, SlotRef, SlotWriter, new_token
+from ._common import StepAdapter, check_start, require
+from ._slots import SlotReader, SlotRef, SlotWriter, new_token, use_slots
 
 torch = require("torch", "PyTorch")
 
@@ -75,36 +76,35 @@ class _Batches(torch.utils.data.Dataset):
 
 
 class _Steps(torch.utils.data.Sampler):
-    """Yields global steps from the cursor's position (read again at every ``iter``).
+    """Yields the global steps ``[start, stop)`` (``stop`` None: endless), as set by the
+    adapter just before each ``iter()`` of the DataLoader, which reads them at once.
 
     With ``group`` set, yields ``(first step, count)`` items of up to ``group`` steps;
     ``group`` is read at every item, so it may change while an iteration runs.
     """
 
-    def __init__(self, cursor: StepCursor, per_epoch: bool, group: int | None) -> None:
-        self.cursor = cursor
-        self.per_epoch = per_epoch
+    def __init__(self, group: int | None) -> None:
+        self.start: int = 0
+        self.stop: int | None = None
         self.group = group
 
     def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
-        end = self.cursor.end(self.per_epoch)
-        start = self.cursor.step
+        start, stop = self.start, self.stop
         if self.group is None:
-            return iter(range(start, end)) if end is not None else itertools.count(start)
-        return self._groups(start, end)
+            return iter(range(start, stop)) if stop is not None else itertools.count(start)
+        return self._groups(start, stop)
 
-    def _groups(self, step: int, end: int | None) -> Iterator[tuple[int, int]]:
-        while end is None or step < end:
-            count = self.group if end is None else min(self.group, end - step)
+    def _groups(self, step: int, stop: int | None) -> Iterator[tuple[int, int]]:
+        while stop is None or step < stop:
+            count = self.group if stop is None else min(self.group, stop - step)
             yield step, count
             step += count
 
     def __len__(self) -> int:
-        """Steps left (items, when not grouped)."""
-        end = self.cursor.end(self.per_epoch)
-        if end is None:
+        """Steps in the range (items, when not grouped)."""
+        if self.stop is None:
             raise TypeError("an endless loader (num_epochs=None) has no length")
-        return max(0, end - self.cursor.step)
+        return max(0, self.stop - self.start)
 
 
 def _already_collated(batch: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +121,7 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-class TorchLoader(CountingAdapter):
+class TorchLoader(StepAdapter):
     """Iterate Tandem batches as ``dict[str, torch.Tensor]`` through a ``DataLoader``.
 
     Args:
@@ -132,8 +132,9 @@ class TorchLoader(CountingAdapter):
       transform, collate: per-record transform ``fn(record, rng)`` and collate, as in
         :class:`loaders.Loader`.
       shared_slots: workers hand batches over through a ring of shared-memory slots
-        they reuse (``prefetch_factor + 2`` each) instead of a new segment per batch;
-        ``False`` uses PyTorch's own hand-off.
+        they reuse (``prefetch_factor + 2`` each) instead of a new segment per batch.
+        ``None`` (the default): where that hand-off is sound, x86-64 (see
+        :mod:`adapters._slots`); ``True`` elsewhere raises. ``False``: PyTorch's own hand-off.
       batches_per_item: with workers, how many consecutive batches a worker reads per
         ``DataLoader`` item. Each item costs a round trip between processes (~150 us
         here), as much as reading a small batch; grouping spreads it. ``None`` (the
@@ -148,7 +149,8 @@ class TorchLoader(CountingAdapter):
     here restores into the Grain adapter, or here with another ``num_workers``.
     Worker RNGs are seeded from the ``DataLoader`` generator, itself seeded from the
     sampler's seed, so user code that draws from ``numpy.random`` in a worker is
-    repeatable too.
+    repeatable too. With ``persistent_workers``, one stream runs at a time (PyTorch
+    restarts its one worker iterator for each new one).
     """
 
     def __init__(
@@ -165,26 +167,26 @@ class TorchLoader(CountingAdapter):
         transform: Callable | None = None,
         collate: Callable | None = None,
         per_epoch: bool = True,
-        shared_slots: bool = True,
+        shared_slots: bool | None = None,
         batches_per_item: int | None = None,
     ) -> None:
         if batches_per_item is not None and batches_per_item < 1:
             raise ValueError(f"batches_per_item must be at least 1, got {batches_per_item}")
         self.loader = Loader(source, sampler, transform=transform, collate=collate)
+        self.per_epoch = per_epoch
         # Grouped items only where there is a hand-off to spread: with worker processes.
         self._auto_group = batches_per_item is None and num_workers > 0
         group = (1 if self._auto_group else batches_per_item) if num_workers > 0 else None
-        slots = (prefetch_factor or 2) + 2 if shared_slots and num_workers > 0 else 0
+        slots = (prefetch_factor or 2) + 2 if use_slots(shared_slots) and num_workers > 0 else 0
         self._reader = SlotReader(new_token())
         weakref.finalize(self, self._reader.close)
-        self._pin = pin_memory
-        self.cursor = StepCursor(self.loader)
+        self._pin = pin_memory and torch.cuda.is_available()
         generator = torch.Generator()
         generator.manual_seed(sampler.seed)
         self.dataloader = torch.utils.data.DataLoader(
             _Batches(self.loader, slots, self._reader.token),
             batch_size=None,
-            sampler=_Steps(self.cursor, per_epoch, group),
+            sampler=_Steps(group),
             num_workers=num_workers,
             collate_fn=_already_collated,
             pin_memory=pin_memory,
@@ -196,28 +198,48 @@ class TorchLoader(CountingAdapter):
             generator=generator,
         )
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.dataloader.num_workers == 0:
-            # In-process, a DataLoader would only call dataset[step] for each step of the
-            # sampler, adding ~15 us of bookkeeping per batch (measured): do just that.
-            return self._in_process()
-        return self._counted(batch for item in self.dataloader for batch in self._receive(item))
+    def iter_from(self, step: int) -> Iterator[dict[str, Any]]:
+        """Batches of global steps ``step``, ``step + 1``, ... to the sampler's end (endless
+        when ``num_epochs`` is None), read by the workers as ``iter()`` would.
 
-    def _in_process(self) -> Iterator[dict[str, Any]]:
-        get = self.loader.get_batch
-        batches = (to_torch(get(step)) for step in self.dataloader.sampler)
-        if self._pin and torch.cuda.is_available():
-            batches = map(self._pinned, batches)
-        return self._counted(batches)
+        Ignores ``per_epoch`` and leaves :attr:`step` and the state alone: for a caller
+        that keeps its own position (a trainer whose device prefetcher reads ahead).
+        ``step`` may be the sampler's end (no batches); before 0 or past the end raises
+        ``IndexError``.
+        """
+        return self._batches(check_start(step, self.loader.sampler), self.loader.sampler.total_steps)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The stream from :attr:`step` (to the epoch's end with ``per_epoch``), counting the batches taken."""
+        start = self._step
+        stop = self.loader.sampler.total_steps
+        if self.per_epoch:
+            per = self.loader.sampler.steps_per_epoch
+            epoch_end = (start // per + 1) * per
+            stop = epoch_end if stop is None else min(epoch_end, stop)
+        return self._counted(self._batches(start, stop))
+
+    def _batches(self, start: int, stop: int | None) -> Iterator[dict[str, Any]]:
+        """Batches ``start`` .. ``stop - 1`` (``stop`` None: endless), as tensors."""
+        if self.dataloader.num_workers == 0:
+            # In-process, a DataLoader would only call dataset[step] for each step, adding
+            # ~15 us of bookkeeping per batch (measured): do just that.
+            steps = range(start, stop) if stop is not None else itertools.count(start)
+            batches = map(to_torch, map(self.loader.get_batch, steps))
+            return map(self._pinned, batches) if self._pin else batches
+        sampler = self.dataloader.sampler
+        sampler.start, sampler.stop = start, stop
+        items = iter(self.dataloader)  # reads the range now, before another stream may set its own
+        return (batch for item in items for batch in self._receive(item))
 
     def _receive(self, item: Any) -> list[dict[str, Any]]:
         """The batches of one DataLoader item, as tensors."""
         if isinstance(item, SlotRef):
             item = self._reader.take(item)
             batches = [to_torch(b) for b in item] if isinstance(item, list) else [to_torch(item)]
-            if self._pin and torch.cuda.is_available():
+            if self._pin:
                 batches = [self._pinned(b) for b in batches]
-        else:  # PyTorch's own hand-off (which pins, if asked), shared_slots=False
+        else:  # PyTorch's own hand-off (which pins, if asked), without shared slots
             batches = item if isinstance(item, list) else [item]
         if self._auto_group:
             self._auto_group = False
@@ -228,14 +250,6 @@ class TorchLoader(CountingAdapter):
     @staticmethod
     def _pinned(batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The shared resume state (JSON-serializable)."""
-        return self.cursor.state()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a state saved by any Tandem adapter over the same data and order."""
-        self.cursor.restore(state)
 
     def __repr__(self) -> str:
         return f"TorchLoader({self.loader.source!r}, {self.sampler!r}, num_workers={self.dataloader.num_workers})"

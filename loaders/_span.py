@@ -5,8 +5,11 @@ map per shard, gathering its records costs a few numpy calls per shard touched; 
 all shards mapped into one reserved range (each at a page-aligned base), a field of
 the whole batch is one fancy-indexing call over one array, whatever the shard count.
 
-Linux and macOS only (``mmap`` with ``MAP_FIXED`` through libc); :func:`map_span`
-returns None where that is not available, and readers keep one map per file.
+Linux and macOS only (``mmap`` with ``MAP_FIXED`` through libc). The flags come from
+Python's ``mmap`` module where it has them; the three it lacks (``MAP_FIXED``,
+``MAP_NORESERVE`` before Python 3.13, ``PROT_NONE``) from a table of the platforms
+whose system headers were checked. Elsewhere :func:`map_span` returns None, and
+readers keep one map per file.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import platform
 import sys
 import weakref
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,11 +30,37 @@ from ._bytes import ByteWindows
 
 MAX_FILES = 16_384  # each file is one kernel mapping; Linux allows ~65k per process by default
 
-_PROT_NONE, _PROT_READ = 0, 1
-_MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED = 0x01, 0x02, 0x10
-_MAP_ANONYMOUS = 0x20 if sys.platform.startswith("linux") else 0x1000
-_MAP_NORESERVE = 0x4000 if sys.platform.startswith("linux") else 0
 _FAILED = ctypes.c_void_p(-1).value
+
+# What Python's mmap module lacks: (MAP_FIXED, MAP_NORESERVE, PROT_NONE), per (sys.platform, machine).
+# Linux: asm-generic/mman-common.h (MAP_FIXED 0x10, PROT_NONE 0) and asm-generic/mman.h (MAP_NORESERVE
+# 0x4000), which x86, arm and arm64 include as they are (other architectures differ: mips, powerpc,
+# sparc, alpha, parisc). macOS: sys/mman.h (MAP_FIXED 0x0010, MAP_NORESERVE 0x0040, PROT_NONE 0x00).
+_LINUX_GENERIC = (0x10, 0x4000, 0x0)
+_DARWIN = (0x10, 0x40, 0x0)
+_MISSING_FLAGS = {
+    **{("linux", m): _LINUX_GENERIC for m in ("x86_64", "aarch64", "armv6l", "armv7l", "armv8l")},
+    ("darwin", "x86_64"): _DARWIN,
+    ("darwin", "arm64"): _DARWIN,
+}
+
+
+class _Flags(NamedTuple):
+    prot_none: int
+    prot_read: int
+    reserve: int  # flags of the reserved range: private, anonymous, no swap reserved
+    file: int  # flags of each file's map: shared, at the fixed address given
+
+
+def mmap_flags() -> _Flags | None:
+    """The mmap flags a span needs on this platform, or None where some are unknown: then
+    no span is made, rather than one made with guessed flags."""
+    missing = _MISSING_FLAGS.get((sys.platform, platform.machine()))
+    if missing is None or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return None
+    fixed, noreserve, prot_none = missing
+    noreserve = getattr(mmap, "MAP_NORESERVE", noreserve)  # Python 3.13+ has it
+    return _Flags(prot_none, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | noreserve, mmap.MAP_SHARED | fixed)
 
 
 def _libc():
@@ -40,7 +71,8 @@ def _libc():
     except OSError:
         return None
     libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+    # off_t is a C long under both libcs here (glibc's mmap without _FILE_OFFSET_BITS=64, and LP64)
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     libc.munmap.restype = ctypes.c_int
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     return libc
@@ -57,14 +89,14 @@ class Span:
     is left; arrays gathered out of it are copies.
     """
 
-    def __init__(self, paths: Sequence[str]) -> None:
+    def __init__(self, paths: Sequence[str], flags: _Flags) -> None:
         page = mmap.PAGESIZE
         sizes = [os.stat(p).st_size for p in paths]
         self.sizes = np.asarray(sizes, dtype=np.int64)
         rounded = [max(page, -(-int(n) // page) * page) for n in sizes]
         self.bases = np.concatenate([[0], np.cumsum(rounded)[:-1]]).astype(np.int64)
         total = int(sum(rounded))
-        addr = _LIBC.mmap(None, total, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
+        addr = _LIBC.mmap(None, total, flags.prot_none, flags.reserve, -1, 0)
         if addr in (None, _FAILED):
             raise OSError(ctypes.get_errno(), f"cannot reserve {total} bytes of address space")
         try:
@@ -73,7 +105,7 @@ class Span:
                     continue
                 fd = os.open(path, os.O_RDONLY)
                 try:
-                    got = _LIBC.mmap(addr + int(base), int(size), _PROT_READ, _MAP_SHARED | _MAP_FIXED, fd, 0)
+                    got = _LIBC.mmap(addr + int(base), int(size), flags.prot_read, flags.file, fd, 0)
                 finally:
                     os.close(fd)
                 if got != addr + int(base):
@@ -90,11 +122,12 @@ class Span:
 
 
 def map_span(paths: Sequence[str]) -> Span | None:
-    """One :class:`Span` over ``paths``, or None where it cannot be made (other OS, too many
-    files, no address space): the caller then maps each file on its own."""
-    if _LIBC is None or not 0 < len(paths) <= MAX_FILES:
+    """One :class:`Span` over ``paths``, or None where it cannot be made (other OS, unknown
+    mmap flags, too many files, no address space): the caller then maps each file on its own."""
+    flags = mmap_flags()
+    if _LIBC is None or flags is None or not 0 < len(paths) <= MAX_FILES:
         return None
     try:
-        return Span(paths)
+        return Span(paths, flags)
     except OSError:
         return None

@@ -131,6 +131,73 @@ def test_torch_workers_read_groups_of_batches(group, request, reference_cache):
         TorchLoader(src, sampler, num_workers=2, batches_per_item=0)
 
 
+def bare_batches(src, sampler, steps):
+    """What the bare Loader gives for ``steps`` (a pure function of the step)."""
+    loader = Loader(src, sampler)
+    return numpy_batches([loader.get_batch(s) for s in steps])
+
+
+def first(iterator, n):
+    out = []
+    for batch in iterator:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return numpy_batches(out)
+
+
+@pytest.mark.parametrize("framework,workers", ADAPTERS)
+def test_iter_from_streams_from_any_step_and_leaves_the_state_alone(framework, workers, request):
+    src = source("h5", request)
+    loader = adapter(framework, workers, src)
+    take(loader, 2)
+    assert_same(first(loader.iter_from(3), 5), bare_batches(src, loader.sampler, range(3, 8)))  # crosses an epoch
+    assert loader.state_dict()["step"] == 2 and loader.step == 2
+
+
+@pytest.mark.parametrize("framework", ["torch", "grain"])
+def test_iter_from_runs_to_the_sampler_end_and_refuses_steps_outside_it(framework, request):
+    src = source("h5", request)
+    sampler = Sampler(len(src), BATCH, seed=11, num_epochs=2)  # 8 steps
+    loader = TorchLoader(src, sampler) if framework == "torch" else GrainLoader(src, sampler)
+    # per_epoch (torch's default) does not cut iter_from at an epoch's end
+    assert_same(numpy_batches(list(loader.iter_from(2))), bare_batches(src, sampler, range(2, 8)))
+    assert list(loader.iter_from(8)) == []  # the end: nothing left, as after a state saved there
+    past = r"cannot start at step {}: the sampler has steps 0 to 7 \(2 epoch\(s\) of 4\); 8, its end, gives no batches$"
+    for step in (-1, 9):
+        with pytest.raises(IndexError, match=past.format(step)):
+            loader.iter_from(step)
+    with pytest.raises(IndexError, match=past.format(9)):
+        loader.load_state_dict({**loader.state_dict(), "step": 9})
+    assert loader.step == 0
+    endless = TorchLoader(src, Sampler(len(src), BATCH)) if framework == "torch" else GrainLoader(src, Sampler(len(src), BATCH))
+    with pytest.raises(IndexError, match=r"^cannot start at step -1: steps start at 0$"):
+        endless.iter_from(-1)
+    assert len(first(endless.iter_from(10**6), 2)) == 2
+
+
+@pytest.mark.parametrize("framework", ["torch", "grain"])
+def test_without_ordered_memory_workers_use_the_framework_hand_off(framework, request, reference_cache, monkeypatch):
+    """Off x86-64 the slots' overwrite check does not hold: the default falls back, True is refused."""
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    src = source("h5", request)
+    sampler = Sampler(len(src), BATCH, seed=11, shuffle="full")
+    if framework == "torch":
+        loader = TorchLoader(src, sampler, num_workers=2, per_epoch=False)
+        assert loader.dataloader.dataset.slots == 0
+    else:
+        loader = GrainLoader(src, sampler, worker_count=2)
+        assert loader.shared_slots is False
+    assert_same(take(loader, 3), reference("h5", request, reference_cache)[:3])
+    with pytest.raises(ValueError, match=r"^shared_slots=True needs an x86-64 machine, and this one is 'aarch64'"):
+        if framework == "torch":
+            TorchLoader(src, sampler, num_workers=2, shared_slots=True)
+        else:
+            GrainLoader(src, sampler, worker_count=2, shared_slots=True)
+
+
 def test_worker_slots_carry_several_batches():
     from adapters._slots import SlotReader, SlotWriter
 
