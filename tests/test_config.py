@@ -58,3 +58,61 @@ def test_extends_cycle_and_missing_file(tmp_path):
         load_config(str(tmp_path / "a.yaml"))
     with pytest.raises(ConfigError, match="nope.yaml: no such config file"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_overrides_deep_merge_into_nested_mappings():
+    """Regression: a dotted override into kwargs used to drop the other kwargs."""
+    cnn = os.path.join(ROOT, "configs", "mnist1d_cnn.yaml")
+    config = load_config(cnn, ["optimizer.kwargs.b1=0.8", "model.kwargs.channels=25"])
+    assert config.optimizer.kwargs == {"weight_decay": 0.05, "b1": 0.8}
+    assert config.model.kwargs == {"channels": 25, "num_outputs": 10}
+    config = load_config(cnn, ["data.key_mapping.a=x", "data.key_mapping.b=y"])
+    assert config.data.key_mapping == {"a": "x", "b": "y"}
+
+
+def test_replace_tag_replaces_a_whole_mapping(tmp_path):
+    cnn = os.path.join(ROOT, "configs", "mnist1d_cnn.yaml")
+    assert load_config(cnn, ["model.kwargs=!replace {channels: 25}"]).model.kwargs == {"channels": 25}
+    assert load_config(cnn, ["optimizer.kwargs=!replace {}"]).optimizer.kwargs == {}
+    (tmp_path / "base.yaml").write_text("model: {name: mlp, kwargs: {hidden: [8], num_outputs: 3}}\n")
+    (tmp_path / "merge.yaml").write_text("extends: base.yaml\nmodel: {kwargs: {hidden: [4]}}\n")
+    (tmp_path / "swap.yaml").write_text("extends: base.yaml\nmodel:\n  kwargs: !replace {hidden: [4]}\n")
+    assert load_config(str(tmp_path / "merge.yaml")).model.kwargs == {"hidden": [4], "num_outputs": 3}
+    swapped = load_config(str(tmp_path / "swap.yaml"))
+    assert swapped.model.kwargs == {"hidden": [4]} and type(swapped.model.kwargs) is dict  # no marker left behind
+
+
+def test_shipped_configs_resolve_to_what_they_mean():
+    mlp = load_config(os.path.join(ROOT, "configs", "mnist1d_mlp.yaml"))
+    assert mlp.model.kwargs == {"hidden": [100, 100], "num_outputs": 10}  # not the CNN's channels
+    vae = load_config(os.path.join(ROOT, "configs", "mnist1d_vae.yaml"))
+    assert (vae.model.kwargs, vae.optimizer.name, vae.optimizer.kwargs) == ({"hidden": [32, 16], "latent": 4}, "adam", {})
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.source=h6", r"data\.source must be one of \('h5', 'h5_cached', 'tar'\), got 'h6'"),
+        ("data.batch_size=0", r"data\.batch_size must be at least 1, got 0"),
+        ("data.workers=-1", r"data\.workers must be at least 0, got -1"),
+        ("train.keep_checkpoints=0", r"train\.keep_checkpoints must be at least 1, got 0"),
+        ("model.kwargs=[1, 2]", r"model\.kwargs must be a mapping, got \[1, 2\]"),
+        ("model.kwargs={a: [}", r"override 'model\.kwargs=\{a: \[\}': the value is not valid YAML"),
+    ],
+)
+def test_values_out_of_the_schema_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(os.path.join(ROOT, "configs", "mnist1d_cnn.yaml"), [override])
+
+
+def test_a_registered_source_is_a_valid_data_source():
+    from loaders import DATASET_REGISTRY
+
+    class MySource:
+        pass
+
+    DATASET_REGISTRY.register(MySource, name="my_source_for_config_test")
+    try:
+        assert load_config(None, ["data.source=my_source_for_config_test"]).data.source == "my_source_for_config_test"
+    finally:
+        DATASET_REGISTRY._table.pop("my_source_for_config_test")

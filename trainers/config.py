@@ -26,7 +26,7 @@ class DataConfig:
     """
 
     dataset: str | None = None
-    source: str = "h5"  # h5 | h5_cached | tar
+    source: str = "h5"  # a name in loaders.DATASET_REGISTRY: h5 | h5_cached | tar, or one you registered
     train: Any = None
     eval: Any = None
     cache_dir: str | None = None
@@ -117,11 +117,33 @@ class ConfigError(ValueError):
 
 
 CHOICES = {
-    ("data", "source"): ("h5", "h5_cached", "tar"),
     ("data", "shuffle"): ("full", "block", "none"),
     ("data", "adapter"): ("grain", "torch"),
     ("schedule", "name"): ("constant", "warmup_cosine", "cosine_restarts"),
 }
+# The smallest value of each integer setting (None stays allowed where the type allows it).
+MINIMUM = {
+    ("data", "batch_size"): 1,
+    ("data", "eval_batch_size"): 1,
+    ("data", "workers"): 0,
+    ("schedule", "warmup_steps"): 0,
+    ("schedule", "cycle_steps"): 1,
+    ("train", "steps"): 1,
+    ("train", "epochs"): 1,
+    ("train", "eval_every"): 0,
+    ("train", "checkpoint_every"): 0,
+    ("train", "keep_checkpoints"): 1,
+    ("train", "log_every"): 1,
+    ("train", "devices"): 1,
+}
+
+
+def _choices(section: str, key: str) -> tuple[str, ...] | None:
+    if (section, key) == ("data", "source"):  # the registry is the one list of source kinds
+        from loaders import DATASET_REGISTRY
+
+        return tuple(DATASET_REGISTRY)
+    return CHOICES.get((section, key))
 
 
 def _suggest(key: str, valid: list[str], where: str) -> ConfigError:
@@ -184,16 +206,38 @@ def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
             kwargs[key] = _build(hint, value or {}, f"{where}{key}.")
         else:
             kwargs[key] = _check_type(value, hint, f"{where}{key}")
-            choices = CHOICES.get((where.rstrip("."), key))
+            choices = _choices(where.rstrip("."), key)
             if choices and kwargs[key] not in choices:
                 raise ConfigError(f"{where}{key} must be one of {choices}, got {kwargs[key]!r}")
+            low = MINIMUM.get((where.rstrip("."), key))
+            if low is not None and kwargs[key] is not None and kwargs[key] < low:
+                raise ConfigError(f"{where}{key} must be at least {low}, got {kwargs[key]!r}")
     return cls(**kwargs)
 
 
+class Replace(dict):
+    """A mapping that replaces the one under it instead of merging into it (YAML tag ``!replace``)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader plus the ``!replace`` tag on mappings."""
+
+
+_Loader.add_constructor("!replace", lambda loader, node: Replace(loader.construct_mapping(node, deep=True)))
+
+
+def _load_yaml(text: Any) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` deep-merged into ``base``: nested mappings merge key by key (``kwargs`` and
+    ``key_mapping`` too); a :class:`Replace` mapping takes the place of the one below whole."""
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("kwargs", "key_mapping"):
+        if isinstance(v, Replace):
+            out[k] = dict(v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v)
         else:
             out[k] = v
@@ -209,7 +253,7 @@ def read_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such config file")
     with open(path) as f:
         try:
-            doc = yaml.safe_load(f) or {}
+            doc = _load_yaml(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(doc, dict):
@@ -226,7 +270,10 @@ def apply_override(doc: dict[str, Any], override: str) -> dict[str, Any]:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like dotted.key=value")
     dotted, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = _load_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML: {e}") from None
     parts = dotted.strip().split(".")
     nested: Any = value
     for part in reversed(parts):
@@ -234,17 +281,27 @@ def apply_override(doc: dict[str, Any], override: str) -> dict[str, Any]:
     return _merge(doc, nested)
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with every :class:`Replace` marker turned back into a plain dict (after merging)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The resolved :class:`Config`: file (with ``extends``) < dotted overrides."""
+    """The resolved :class:`Config`: file (with ``extends``) < dotted overrides.
+
+    Nested mappings merge key by key (``model.kwargs.channels=25`` keeps the other
+    kwargs); a mapping tagged ``!replace`` replaces the one below it whole, in a file
+    (``kwargs: !replace {hidden: [64]}``) or an override (``'model.kwargs=!replace {hidden: [64]}'``).
+    """
     doc = read_yaml(path) if path else {}
     for o in overrides:
         doc = apply_override(doc, o)
+    doc = _plain(doc)
     try:
         return _build(Config, doc)
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
-
-
-def from_dict(doc: dict[str, Any]) -> Config:
-    """A :class:`Config` from a plain dict (e.g. one saved in a checkpoint)."""
-    return _build(Config, doc)

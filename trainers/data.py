@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from loaders import H5CachedSource, H5Source, Loader, ProcessPart, Sampler, TarSource
+from loaders import DATASET_REGISTRY, Loader, ProcessPart, Sampler
 
 from .config import DataConfig
 
@@ -78,6 +78,16 @@ def prepare_mnist1d(cache_dir: str | None = None, shard_size: int = 1000) -> dic
     return paths
 
 
+def source_class(cfg: DataConfig) -> type:
+    """The class ``data.source`` names in :data:`loaders.DATASET_REGISTRY` (the one list of source kinds)."""
+    return DATASET_REGISTRY.get(cfg.source)
+
+
+def holds_part(cfg: DataConfig) -> bool:
+    """Whether the configured source loads only one process's part (then its sampler reads that part)."""
+    return bool(getattr(source_class(cfg), "holds_part", False))
+
+
 def _paths(cfg: DataConfig) -> tuple[Any, Any]:
     if cfg.dataset is None:
         if cfg.train is None:
@@ -85,25 +95,28 @@ def _paths(cfg: DataConfig) -> tuple[Any, Any]:
         return cfg.train, cfg.eval
     if cfg.dataset != "mnist1d":
         raise ValueError(f"unknown built-in dataset {cfg.dataset!r} (known: mnist1d); or set data.train paths")
+    fmt = getattr(source_class(cfg), "data_format", None)
+    if fmt not in ("tar", "hdf5"):
+        raise ValueError(f"data.source {cfg.source!r} reads {fmt or 'an unknown format'}; the built-in dataset "
+                         "comes as tar shards or HDF5: set data.train / data.eval paths for it")
     p = prepare_mnist1d(cfg.cache_dir)
-    kind = "tar" if cfg.source == "tar" else "h5"
+    kind = "tar" if fmt == "tar" else "h5"
     return (cfg.train or p[f"{kind}_train"]), (cfg.eval or p[f"{kind}_eval"])
 
 
 def _source(cfg: DataConfig, path: Any, part: ProcessPart | None) -> Any:
-    if cfg.source == "tar":
-        rename = cfg.key_mapping
-        keys = cfg.keys
-        if cfg.dataset == "mnist1d" and rename is None:
-            rename, keys = MNIST1D_TAR_FIELDS, list(MNIST1D_TAR_FIELDS)
-        return TarSource(path, keys=keys or (list(rename) if rename else None), rename=rename)
-    if cfg.source == "h5_cached":
-        return H5CachedSource(path, keys=cfg.keys, rename=cfg.key_mapping, part=part)
-    return H5Source(path, keys=cfg.keys, rename=cfg.key_mapping)
+    cls = source_class(cfg)
+    keys, rename = cfg.keys, cfg.key_mapping
+    if cfg.dataset == "mnist1d" and cls.data_format == "tar" and rename is None:
+        rename, keys = MNIST1D_TAR_FIELDS, list(MNIST1D_TAR_FIELDS)
+    if keys is None and rename and cls.data_format == "tar":
+        keys = list(rename)  # ATEK's dict_key_mapping: the mapping selects the fields too
+    extra = {"part": part} if getattr(cls, "holds_part", False) and part is not None else {}
+    return cls(path, keys=keys, rename=rename, **extra)
 
 
 def build_sources(cfg: DataConfig, part: ProcessPart) -> tuple[Any, Any | None]:
-    """The training source (this process's part for ``h5_cached``) and the evaluation source."""
+    """The training source (this process's part for a source that ``holds_part``) and the evaluation source."""
     train_path, eval_path = _paths(cfg)
     train = _source(cfg, train_path, part)
     evaluation = _source(cfg, eval_path, None) if eval_path is not None else None

@@ -31,9 +31,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
 
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()  # Grain's workers read absl flags
     from .train import train_and_evaluate
 
     try:

@@ -31,11 +31,10 @@ from loaders import LoaderState, Sampler
 
 from . import checkpoints, parallel
 from .config import Config, OptimizerConfig, ScheduleConfig
-from .data import build_sources, eval_loader, to_numpy, train_batches
+from .data import build_sources, eval_loader, holds_part, to_numpy, train_batches
 from .losses import build_loss
 from .models import build_model, takes_rng
 
-TRACES: collections.Counter = collections.Counter()  # how often each step function was traced
 MAX_AHEAD = 16  # steps the loop may dispatch ahead of the devices
 
 
@@ -91,7 +90,6 @@ def make_train_step(graphdef, tx, loss_fn: Callable, pass_rng: bool) -> Callable
     """``train_step(state, batch) -> (state, metrics)``, gradients averaged over devices."""
 
     def train_step(state, batch):
-        TRACES["train_step"] += 1
         rng = jax.random.fold_in(jax.random.fold_in(state["rng"], state["step"]), parallel.device_index())
         batch = _as_float_input(batch)
 
@@ -114,7 +112,6 @@ def make_eval_step(graphdef, loss_fn: Callable) -> Callable:
     """``eval_step(params, batch) -> (metric sums, valid count)`` over all devices."""
 
     def eval_step(params, batch):
-        TRACES["eval_step"] += 1
         batch = _as_float_input(batch)
         _, metrics = loss_fn(nnx.merge(graphdef, params)(batch["x"]), batch)
         count = batch["_valid"].astype(jnp.float32).sum()
@@ -180,6 +177,135 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+# --------------------------------------------------------------------------- pieces of the run
+def build_data(config: Config, devices: list) -> tuple[Any, Any | None, Sampler]:
+    """This process's training source and its sampler, and the evaluation source (or None)."""
+    cfg = config.data
+    part = process_part("contiguous" if holds_part(cfg) else "global")
+    train_src, eval_src = build_sources(cfg, part)
+    blocks = None
+    if cfg.shuffle == "block":
+        blocks = getattr(train_src, "block_starts", None)
+        if blocks is None:
+            raise ValueError(f"data.shuffle=block needs a source with block_starts; {type(train_src).__name__} has none")
+    sampler = Sampler(len(train_src), cfg.batch_size, seed=config.seed, shuffle=cfg.shuffle, part=part, blocks=blocks)
+    if sampler.local_batch_size % len(devices):
+        raise ValueError(
+            f"data.batch_size={cfg.batch_size} gives {sampler.local_batch_size} records per process, which do not "
+            f"split over {len(devices)} local devices: use a multiple of {len(devices) * part.count}"
+        )
+    return train_src, eval_src, sampler
+
+
+class ModelInputs:
+    """A host batch (torch tensors or numpy) as the step's inputs: ``x``, ``y`` and ``_valid``, as numpy."""
+
+    def __init__(self, input_key: str, label_key: str) -> None:
+        self.input_key = input_key
+        self.keymap = {input_key: "x", label_key: "y", "_valid": "_valid"}
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        batch = to_numpy(batch)
+        if self.input_key not in batch:
+            raise KeyError(f"data.input_key {self.input_key!r} is not in the batch (keys: {sorted(batch)})")
+        return {self.keymap[k]: v for k, v in batch.items() if k in self.keymap}
+
+
+def evaluate(p_eval: Callable, params_r: Any, batches: Any) -> dict[str, float]:
+    """Every metric of ``p_eval`` averaged over the valid records of ``batches`` (padding masked out)."""
+    sums: dict[str, float] = collections.defaultdict(float)
+    count = 0.0
+    for batch in batches:
+        s, c = jax.device_get(p_eval(params_r, batch))
+        for k, v in s.items():
+            sums[k] += float(v[0])
+        count += float(c[0])
+    return {f"eval_{k}": v / count for k, v in sums.items()}
+
+
+def restore_latest(mgr: Any, state: dict[str, Any], source: Any, sampler: Sampler) -> tuple[dict[str, Any], int]:
+    """The latest checkpoint's train state and the step to resume from (the initial state and 0 if none).
+
+    The checkpoint's loader state must belong to this data and order (else ``StateMismatchError``).
+    """
+    latest = mgr.latest_step()
+    if latest is None:
+        return state, 0
+    restored = checkpoints.restore(mgr, latest, state)
+    state = jax.tree.map(np.asarray, restored["state"])
+    step = LoaderState.from_dict(restored["loader"]).check(source, sampler)
+    if step != int(state["step"]):
+        raise ValueError(f"checkpoint {latest}: the train state is at step {int(state['step'])}, the loader at {step}")
+    return state, step
+
+
+class Meter:
+    """The log window: losses fetched from the devices at flush time, samples/s, and where time went.
+
+    Data wait is time spent getting the next batch while the devices had no step left to
+    run (the last dispatched step was already done): the real stall. Time spent reading
+    while a step still runs is hidden by JAX's asynchronous dispatch; it is logged apart
+    as ``input_share``.
+    """
+
+    def __init__(self, log: Any, schedule: optax.Schedule, records_per_step: int, bar: Any) -> None:
+        self.log, self.schedule, self.records_per_step, self.bar = log, schedule, records_per_step, bar
+        self.last: dict[str, float] = {}  # the metrics of the last step flushed
+        self._last_loss: Any = None  # one output of the step dispatched last
+        self._reset()
+
+    def _reset(self) -> None:
+        self.pending: list[tuple[int, Any]] = []
+        self.waited = self.reading = 0.0
+        self.start = time.perf_counter()
+
+    def read(self, took: float) -> None:
+        """Count ``took`` seconds spent getting a batch (a stall if the devices were idle)."""
+        self.reading += took
+        if self._last_loss is None or self._last_loss.is_ready():
+            self.waited += took
+
+    def add(self, step: int, metrics: dict[str, Any]) -> None:
+        """A dispatched step's metrics; the loop never runs more than ``MAX_AHEAD`` steps ahead of the devices."""
+        self.pending.append((step, metrics))
+        self._last_loss = metrics["loss"]
+        if len(self.pending) > MAX_AHEAD:  # a long queue of pmap steps on CPU host devices can deadlock XLA
+            self.pending[-MAX_AHEAD][1]["loss"].block_until_ready()
+
+    def flush(self, step: int) -> None:
+        """Fetch the window's metrics, stop on a non-finite loss, write one ``metrics.jsonl`` row."""
+        if not self.pending:
+            return
+        fetched = [{k: np.asarray(v) for k, v in m.items()} for _, m in self.pending]  # cheaper than device_get
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        for (s, _), m in zip(self.pending, fetched, strict=True):
+            values = {k: float(v[0]) for k, v in m.items()}
+            if not math.isfinite(values.get("loss", 0.0)):
+                raise FloatingPointError(f"non-finite loss {values['loss']} at step {s}; stopping the run")
+            self.last = values
+        row = {"step": step, **self.last, "lr": float(self.schedule(step - 1)),
+               "samples_per_s": len(self.pending) * self.records_per_step / elapsed,
+               "data_wait_share": self.waited / elapsed, "input_share": self.reading / elapsed}
+        self.write(row)
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.0f}",
+                             wait=f"{100 * row['data_wait_share']:.1f}%", refresh=False)
+        self._reset()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.log.write(json.dumps(row) + "\n")
+        self.log.flush()
+
+
+def _start_workdir(workdir: str, fresh: bool) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    if fresh:
+        shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+        for name in ("metrics.jsonl", "summary.json"):
+            if os.path.exists(os.path.join(workdir, name)):
+                os.remove(os.path.join(workdir, name))
+
+
 # --------------------------------------------------------------------------- the loop
 def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train ``config`` in ``workdir``, resuming from its latest checkpoint unless ``fresh``.
@@ -188,34 +314,14 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
     run (SIGTERM, Ctrl-C) returns ``{"interrupted": True, ...}`` after saving.
     """
     t_start = time.time()
-    os.makedirs(workdir, exist_ok=True)
-    if fresh:
-        shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
-        for name in ("metrics.jsonl", "summary.json"):
-            if os.path.exists(os.path.join(workdir, name)):
-                os.remove(os.path.join(workdir, name))
+    _start_workdir(workdir, fresh)
     cfg, tc = config.data, config.train
     devices = parallel.local_devices(tc.devices)
-    mode = "contiguous" if cfg.source == "h5_cached" else "global"
-    part = process_part(mode)
-    train_src, eval_src = build_sources(cfg, part)
-    blocks = train_src.block_starts if cfg.shuffle == "block" else None
-    sampler = Sampler(len(train_src), cfg.batch_size, seed=config.seed, shuffle=cfg.shuffle, part=part, blocks=blocks)
-    if sampler.local_batch_size % len(devices):
-        raise ValueError(
-            f"data.batch_size={cfg.batch_size} gives {sampler.local_batch_size} records per process, which do not "
-            f"split over {len(devices)} local devices: use a multiple of {len(devices) * part.count}"
-        )
+    train_src, eval_src, sampler = build_data(config, devices)
     total = tc.steps if tc.steps is not None else (tc.epochs or 1) * sampler.steps_per_epoch
-    keymap = {cfg.input_key: "x", cfg.label_key: "y", "_valid": "_valid"}
+    inputs = ModelInputs(cfg.input_key, cfg.label_key)
 
-    def prepare(batch):
-        batch = to_numpy(batch)
-        if cfg.input_key not in batch:
-            raise KeyError(f"data.input_key {cfg.input_key!r} is not in the batch (keys: {sorted(batch)})")
-        return {keymap[k]: v for k, v in batch.items() if k in keymap}
-
-    sample = prepare(train_src.read_batch(np.array([sampler.indices(0)[0]])))
+    sample = inputs(train_src.read_batch(np.array([sampler.indices(0)[0]])))
     model = build_model(config.model.name, config.model.kwargs, sample["x"].shape[1:], config.seed)
     schedule = make_schedule(config.schedule, total)
     tx = make_optimizer(config.optimizer, schedule)
@@ -223,16 +329,10 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
     graphdef, state = initial_state(model, tx, config.seed)
 
     mgr = checkpoints.manager(workdir, tc.keep_checkpoints)
-    batches = train_batches(cfg, train_src, sampler)
+    state, start = restore_latest(mgr, state, train_src, sampler)
+    if start:
+        print(f"resumed from {os.path.join(workdir, 'checkpoints', str(start))} at step {start}", flush=True)
     resolved = config.to_dict()
-    start = 0
-    latest = mgr.latest_step()
-    if latest is not None:
-        restored = checkpoints.restore(mgr, latest, state)
-        state = jax.tree.map(np.asarray, restored["state"])
-        batches.load_state_dict(restored["loader"])
-        start = int(state["step"])
-        print(f"resumed from {os.path.join(workdir, 'checkpoints', str(latest))} at step {start}", flush=True)
     _write_atomic(os.path.join(workdir, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False))
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     _trim_metrics(metrics_path, start)
@@ -242,111 +342,70 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
     state_r = parallel.replicate(state, devices)
     eval_batch = len(devices) * math.ceil(min(cfg.eval_batch_size, len(eval_src) if eval_src else 1) / len(devices))
 
-    def evaluate(params_r) -> dict[str, float]:
+    def run_eval() -> dict[str, float]:
         if eval_src is None:
             return {}
-        sums: dict[str, float] = collections.defaultdict(float)
-        count = 0.0
-        for batch in device_batches(map(prepare, eval_loader(cfg, eval_src, eval_batch)), devices=devices):
-            s, c = jax.device_get(p_eval(params_r, batch))
-            for k, v in s.items():
-                sums[k] += float(v[0])
-            count += float(c[0])
-        return {f"eval_{k}": v / count for k, v in sums.items()}
+        batches = map(inputs, eval_loader(cfg, eval_src, eval_batch))
+        return evaluate(p_eval, state_r["params"], device_batches(batches, devices=devices))
 
     def save(step: int) -> None:
-        # The device prefetcher has pulled batches past ``step`` from the adapter; the
-        # position to resume from is the step the model has trained on, in the same
-        # shared format the adapters produce.
+        # The device feed reads ahead of training: the position to resume from is the
+        # step the model has trained on, in the shared format the adapters produce.
         loader_state = LoaderState.create(step, train_src, sampler).to_dict()
         checkpoints.save(mgr, step, parallel.unreplicate(state_r), loader_state, resolved)
 
     bar = _progress(total, start, progress)
-    pending: list[tuple[int, Any]] = []
-    # Data wait: time spent getting the next batch while the devices had no step left
-    # to run (the last dispatched step was already done). Time spent reading while a
-    # step still runs is hidden by JAX's asynchronous dispatch; it is logged apart.
-    waited, reading, window_start, window_steps = 0.0, 0.0, time.perf_counter(), 0
-    records_per_step = cfg.batch_size
-    last_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
-    step = start
-    interrupted = None
+    step, interrupted = start, None
+    adapter = train_batches(cfg, train_src, sampler)  # kept alive while its stream runs
+    stream = device_batches(map(inputs, adapter.iter_from(start)), devices=devices, size=2)
     with open(metrics_path, "a") as log, _StopRequest() as stop:
-
-        def flush(step: int) -> None:
-            nonlocal pending, waited, reading, window_start, window_steps, last_metrics
-            if not pending:
-                return
-            fetched = [{k: np.asarray(v) for k, v in m.items()} for _, m in pending]  # cheaper than device_get
-            elapsed = time.perf_counter() - window_start
-            for (s, _), m in zip(pending, fetched, strict=True):
-                values = {k: float(v[0]) for k, v in m.items()}
-                if not math.isfinite(values.get("loss", 0.0)):
-                    raise FloatingPointError(f"non-finite loss {values['loss']} at step {s}; stopping the run")
-                last_metrics = values
-            row = {"step": step, **last_metrics, "lr": float(schedule(step - 1)),
-                   "samples_per_s": window_steps * records_per_step / max(elapsed, 1e-9),
-                   "data_wait_share": waited / max(elapsed, 1e-9),
-                   "input_share": reading / max(elapsed, 1e-9)}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            bar.update(step - bar.n)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.0f}",
-                            wait=f"{100 * row['data_wait_share']:.1f}%", refresh=False)
-            pending, waited, reading, window_start, window_steps = [], 0.0, 0.0, time.perf_counter(), 0
-
-        stream = device_batches(map(prepare, batches), devices=devices, size=2)
-        last = None  # one output of the step dispatched last
+        meter = Meter(log, schedule, cfg.batch_size, bar)
         while step < total:
             t = time.perf_counter()
             batch = next(stream)
-            took = time.perf_counter() - t
-            reading += took
-            if last is None or last.is_ready():
-                waited += took
+            meter.read(time.perf_counter() - t)
             state_r, metrics = p_train(state_r, batch)
             step += 1
-            window_steps += 1
-            pending.append((step, metrics))
-            last = metrics["loss"]
-            if len(pending) > MAX_AHEAD:  # keep XLA's queue short (PITFALLS: pmap on CPU devices)
-                pending[-MAX_AHEAD][1]["loss"].block_until_ready()
+            meter.add(step, metrics)
             eval_due = tc.eval_every and step % tc.eval_every == 0
             ckpt_due = tc.checkpoint_every and step % tc.checkpoint_every == 0
             if step % tc.log_every == 0 or step == total or eval_due or ckpt_due or stop.signal:
-                flush(step)
+                meter.flush(step)
             if eval_due and step != total:
-                eval_metrics = evaluate(state_r["params"])
-                log.write(json.dumps({"step": step, **eval_metrics}) + "\n")
-                log.flush()
+                eval_metrics = run_eval()
+                meter.write({"step": step, **eval_metrics})
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
             if ckpt_due or step == total or stop.signal:
                 save(step)
             if stop.signal:
                 interrupted = signal.Signals(stop.signal).name
                 break
-        close = getattr(stream, "close", None)
-        if close:
-            close()
+        stream.close()
         if interrupted is None:
-            eval_metrics = evaluate(state_r["params"])
-            log.write(json.dumps({"step": step, **eval_metrics}) + "\n")
+            eval_metrics = run_eval()
+            meter.write({"step": step, **eval_metrics})
     bar.close()
     mgr.close()
-    final_params = parallel.unreplicate(state_r)["params"]
+    return _finish(workdir, t_start, step, meter.last, eval_metrics, parallel.unreplicate(state_r)["params"],
+                   len(devices), cfg.adapter, interrupted)
+
+
+def _finish(workdir: str, t_start: float, step: int, last: dict[str, float], eval_metrics: dict[str, float],
+            params: Any, devices: int, adapter: str, interrupted: str | None) -> dict[str, Any]:
+    """The run's summary, written to ``summary.json`` unless the run was interrupted."""
     summary = {
         "steps": step,
-        "final_metrics": last_metrics,
+        "final_metrics": last,
         "eval": eval_metrics,
         "accuracy": eval_metrics.get("eval_accuracy"),
         "wall_time_s": round(time.time() - t_start, 2),
-        "params_sha256": params_sha256(final_params),
-        "devices": len(devices),
-        "adapter": cfg.adapter,
+        "params_sha256": params_sha256(params),
+        "devices": devices,
+        "adapter": adapter,
         "workdir": os.path.abspath(workdir),
         "checkpoints": os.path.abspath(os.path.join(workdir, "checkpoints")),
-        "metrics": os.path.abspath(metrics_path),
+        "metrics": os.path.abspath(os.path.join(workdir, "metrics.jsonl")),
     }
     if interrupted:
         print(f"{interrupted}: saved a checkpoint at step {step}; run the same command to resume", flush=True)
