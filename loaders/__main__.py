@@ -11,7 +11,8 @@ import numpy as np
 from ._errors import DataError
 from ._progress import progress
 from ._shards import expand_shards
-from ._tar import TarSource, default_index_dir, load_index, scan_tar
+from ._tar import TarSource
+from ._tar_format import default_index_dir, load_index, scan_tar
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
@@ -43,7 +44,8 @@ def inspect_hdf5(path: str) -> None:
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
                 comp = obj.compression or "none"
-                rows.append((name, str(obj.dtype), list(obj.shape), obj.chunks, comp))
+                shape = None if obj.shape is None else list(obj.shape)  # None: NULL dataspace (h5py.Empty)
+                rows.append((name, str(obj.dtype), shape, obj.chunks, comp))
 
         f.visititems(visit)
         for name, dtype, shape, chunks, comp in rows:

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from ._collate import stack_records
 from ._sampler import Sampler, record_rng
 from ._state import LoaderState
-from ._tar import stack_records
 
 Batch = dict[str, Any]
 

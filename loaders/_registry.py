@@ -64,17 +64,13 @@ class Registry:
         return f"Registry({self.kind!r}, {sorted(self._table)})"
 
 
-def _list_collate(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Keep each key as a list (for ragged fields)."""
-    return {k: [r[k] for r in records] for k in records[0]} if records else {}
-
-
 def _builtins() -> tuple[dict[str, Any], dict[str, Callable]]:
+    from ._collate import list_records, stack_records
     from ._h5 import H5CachedSource, H5Source
-    from ._tar import TarSource, stack_records
+    from ._tar import TarSource
 
     datasets = {"h5": H5Source, "h5_cached": H5CachedSource, "tar": TarSource}
-    collates = {"stack": stack_records, "list": _list_collate}
+    collates = {"stack": stack_records, "list": list_records}
     return datasets, collates
 
 

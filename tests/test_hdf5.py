@@ -281,3 +281,19 @@ def test_fingerprint_tells_compound_layouts_of_one_size_apart(tmp_path):
         paths.append(path)
     first, second = (H5Source(p).describe().split("keys=")[1] for p in paths)
     assert first != second and "('a', '<i4')" in first
+
+
+def test_cli_inspects_a_file_with_scalar_and_empty_datasets(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "odd.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.zeros((5, 2), dtype="f4")
+        f["version"] = 3
+        f["empty"] = h5py.Empty("f4")
+    out = subprocess.run([sys.executable, "-m", "loaders", "inspect", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:] if line.strip()}
+    assert "shape=None records=-" in lines["empty"] and "shape=[] records=-" in lines["version"]
+    assert "shape=[5, 2] records=5" in lines["x"]

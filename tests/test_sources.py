@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from loaders import DataError, H5CachedSource, H5Source, ProcessPart, TarSource, expand_shards
-from loaders._tar import load_index
+from loaders._tar_format import load_index
 
 from .conftest import make_records, write_wds
 

@@ -1,0 +1,203 @@
+"""The tar format as WebDataset uses it: a header walk that groups members into samples,
+and the per-shard index it yields, cached on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from ._errors import DataError
+
+INDEX_VERSION = 1
+_BLOCK = 512
+_ZERO = bytes(_BLOCK)
+_REGULAR = (b"0", b"\0", b"7")
+
+
+def default_index_dir() -> str:
+    """Where tar indexes are cached: ``$TANDEM_CACHE_DIR/tar-index`` or ``~/.cache/tandem/tar-index``."""
+    root = os.environ.get("TANDEM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tandem")
+    return os.path.join(root, "tar-index")
+
+
+# --------------------------------------------------------------------------- tar headers
+def _octal(field: bytes, path: str, where: int, what: str) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for large values
+        value = int.from_bytes(field[1:], "big")
+        return -value if field[0] & 0x40 else value
+    text = field.split(b"\0", 1)[0].strip(b" \0")
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise DataError(f"{path}: bad tar header at byte {where}: {what} field {field!r} is not octal") from None
+
+
+def _pax(data: bytes, path: str, where: int) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise DataError(f"{path}: malformed PAX header at byte {where}") from None
+        record = data[space + 1 : pos + length - 1]
+        key, _, value = record.partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    """WebDataset's rule: key = path up to the first dot of the basename; ext = the rest (lower case)."""
+    slash = name.rfind("/")
+    base = name[slash + 1 :]
+    dot = base.find(".")
+    if dot <= 0 or dot == len(base) - 1:
+        return None
+    if base.startswith("__") and base.endswith("__"):
+        return None
+    return name[: slash + 1] + base[:dot], base[dot + 1 :].lower()
+
+
+def scan_tar(path: str) -> dict[str, Any]:
+    """Walk a tar file's headers (never its data) and group members into samples.
+
+    Returns ``{"keys": [...], "fields": [...], "offsets": int64[N, F], "sizes": int64[N, F]}``
+    with ``-1`` where a sample lacks a field. Handles ustar, GNU (long names,
+    base-256 sizes) and PAX headers.
+    """
+    size = os.path.getsize(path)
+    keys: list[str] = []
+    fields: dict[str, int] = {}
+    rows: list[dict[int, tuple[int, int]]] = []
+    seen: dict[str, int] = {}
+    if size == 0:
+        raise DataError(f"{path}: empty file, not a tar archive")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos, long_name, pax = 0, None, {}
+        while True:
+            if pos + _BLOCK > size:
+                raise DataError(
+                    f"{path}: truncated tar: ends at byte {size} inside a header at byte {pos}, "
+                    "without the end-of-archive marker"
+                )
+            hdr = mm[pos : pos + _BLOCK]
+            if hdr == _ZERO:
+                break
+            chk = _octal(hdr[148:156], path, pos, "checksum")
+            if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+                raise DataError(f"{path}: not a tar file or corrupt header at byte {pos} (checksum mismatch)")
+            kind = hdr[156:157]
+            msize = _octal(hdr[124:136], path, pos, "size")
+            name = hdr[0:100].split(b"\0", 1)[0]
+            if hdr[257:263] == b"ustar\x00" and hdr[345:500].strip(b"\0"):
+                name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
+            name = name.decode("utf-8", "surrogateescape")
+            data = pos + _BLOCK
+            if kind in (b"x", b"g", b"L", b"K"):
+                if data + msize > size:
+                    raise DataError(f"{path}: truncated tar: extended header at byte {pos} runs past the end")
+                payload = mm[data : data + msize]
+                if kind == b"x":
+                    pax = _pax(payload, path, pos)
+                elif kind == b"L":
+                    long_name = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            else:
+                if long_name is not None:
+                    name = long_name
+                if "path" in pax:
+                    name = pax["path"]
+                if "size" in pax:
+                    msize = int(pax["size"])
+                long_name, pax = None, {}
+                if data + msize > size:
+                    raise DataError(
+                        f"{path}: truncated tar: member {name!r} needs {msize} bytes at byte {data}, "
+                        f"the file ends at {size}"
+                    )
+                if kind in _REGULAR:
+                    _add_member(path, name, data, msize, keys, fields, rows, seen)
+                elif kind == b"S":
+                    raise DataError(f"{path}: member {name!r} is a GNU sparse file, which shards cannot hold")
+            pos = data + -(-msize // _BLOCK) * _BLOCK
+    offsets = np.full((len(keys), len(fields)), -1, dtype=np.int64)
+    sizes = np.full((len(keys), len(fields)), -1, dtype=np.int64)
+    for i, row in enumerate(rows):
+        for j, (o, s) in row.items():
+            offsets[i, j], sizes[i, j] = o, s
+    return {"keys": keys, "fields": list(fields), "offsets": offsets, "sizes": sizes}
+
+
+def _add_member(path, name, offset, size, keys, fields, rows, seen) -> None:
+    parts = split_name(name)
+    if parts is None:
+        return
+    key, ext = parts
+    j = fields.setdefault(ext, len(fields))
+    if keys and keys[-1] == key:
+        row = rows[-1]
+        if j in row:
+            raise DataError(f"{path}: duplicate member {name!r}: sample {key!r} already has a {ext!r} field")
+        row[j] = (offset, size)
+        return
+    if key in seen:
+        raise DataError(
+            f"{path}: member {name!r} belongs to sample {key!r}, whose other members came earlier; "
+            "a sample's members must be consecutive (duplicate key?)"
+        )
+    seen[key] = len(keys)
+    keys.append(key)
+    rows.append({j: (offset, size)})
+
+
+# --------------------------------------------------------------------------- index cache
+def _index_file(path: str, index_dir: str) -> str:
+    digest = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:24]
+    return os.path.join(index_dir, f"{digest}.npz")
+
+
+def load_index(path: str, index_dir: str | None = None, *, rebuild: bool = False) -> tuple[dict[str, Any], str]:
+    """The index of one shard and how it was obtained: ``"cached"``, ``"built"`` or ``"rebuilt"``.
+
+    A cached index is used only when the shard's size and mtime match those recorded;
+    otherwise (or when unreadable) it is rebuilt and written back atomically.
+    """
+    index_dir = index_dir or default_index_dir()
+    st = os.stat(path)
+    file = _index_file(path, index_dir)
+    how = "rebuilt" if os.path.exists(file) else "built"
+    if how == "rebuilt" and not rebuild:
+        try:
+            with np.load(file, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                if meta == {"version": INDEX_VERSION, "path": os.path.realpath(path),
+                            "size": st.st_size, "mtime_ns": st.st_mtime_ns}:
+                    return {
+                        "keys": z["keys"].tolist(),
+                        "fields": z["fields"].tolist(),
+                        "offsets": z["offsets"],
+                        "sizes": z["sizes"],
+                    }, "cached"
+        except (OSError, ValueError, KeyError):
+            pass
+    index = scan_tar(path)
+    meta = {"version": INDEX_VERSION, "path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    os.makedirs(index_dir, exist_ok=True)
+    tmp = f"{file}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(
+            f,
+            meta=np.array(json.dumps(meta)),
+            keys=np.array(index["keys"], dtype=str),
+            fields=np.array(index["fields"], dtype=str),
+            offsets=index["offsets"],
+            sizes=index["sizes"],
+        )
+    os.replace(tmp, file)
+    return index, how
