@@ -19,6 +19,7 @@ from loaders import (
     Sampler,
     StateMismatchError,
     TarSource,
+    record_rng,
 )
 
 SOURCES = ["tar", "h5", "h5_cached"]
@@ -138,13 +139,23 @@ def test_transform_gets_a_per_record_rng(request):
 
     a = Loader(src, Sampler(len(src), 8, seed=9), transform=jitter)
     b = Loader(src, Sampler(len(src), 8, seed=9), transform=jitter, prefetch=2)
-    first, second = take(a, 40), take(b, 40)
+    first, second = take(a, 80), take(b, 80)  # two epochs of 37 steps and a bit
     assert_batches_equal(first, second)
-    # the same record in another epoch draws other numbers; same record, same epoch: the same
-    steps = a.sampler.steps_per_epoch
-    r0 = {int(y): n for batch in first[:steps] for y, n in zip(batch["y"], batch["noise"], strict=True)}
-    assert len(r0) > 5
     assert first[0]["noise"].dtype == np.float64
+    # Each record's draw is record_rng(seed, epoch, record index): check it per record, keyed
+    # by the record's index (labels repeat), so a shared or per-batch RNG would fail here.
+    steps = a.sampler.steps_per_epoch
+    for step, batch in enumerate(first):
+        epoch = step // steps
+        for i, noise in zip(a.sampler.indices(step), batch["noise"], strict=True):
+            assert noise == record_rng(9, epoch, int(i)).normal()
+    # the same record draws other numbers in another epoch
+    epoch0 = dict(zip(np.concatenate([a.sampler.indices(s) for s in range(steps)]).tolist(),
+                      np.concatenate([b["noise"] for b in first[:steps]]).tolist(), strict=True))
+    epoch1 = dict(zip(np.concatenate([a.sampler.indices(s) for s in range(steps, 2 * steps)]).tolist(),
+                      np.concatenate([b["noise"] for b in first[steps : 2 * steps]]).tolist(), strict=True))
+    common = sorted(set(epoch0) & set(epoch1))
+    assert len(common) > 250 and all(epoch0[r] != epoch1[r] for r in common)
 
 
 def test_padding_mask_when_not_dropping(request):
@@ -196,3 +207,39 @@ def test_state_is_a_small_versioned_json_dict(request):
     state = loader.state_dict()
     assert set(state) == {"step", "seed", "fingerprint", "source", "sampler", "version"}
     assert LoaderState.from_dict(json.dumps(state)).step == 0
+
+
+def test_epoch_orders_are_safe_across_threads():
+    """Regression: two prefetch threads crossing an epoch boundary could both evict the same
+    cached order (KeyError). The cache here yields to other threads while it is searched."""
+    import threading
+    import time
+
+    class YieldingDict(dict):
+        def __iter__(self):
+            keys = list(super().__iter__())
+            time.sleep(0.01)  # another thread runs here, between finding the oldest entry and popping it
+            return iter(keys)
+
+    sampler = Sampler(1000, 10, seed=3, shuffle="full")
+    steps = sampler.steps_per_epoch
+    reference = {e: Sampler(1000, 10, seed=3, shuffle="full").indices(e * steps) for e in range(8)}
+    for first in (0, 3):  # a full cache, then threads each bringing a new epoch
+        sampler._cache = YieldingDict({first: sampler._make_order(first), first + 1: sampler._make_order(first + 1)})
+        errors, got = [], {}
+
+        def read(epoch, got=got, errors=errors):
+            try:
+                got[epoch] = sampler.indices(epoch * steps)
+            except Exception as e:  # reported below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=read, args=(first + 2 + k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        for epoch, indices in got.items():
+            np.testing.assert_array_equal(indices, reference[epoch])
+        assert len(sampler._cache) == 2
