@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "mnist1d_cnn.yaml"))
     parser.add_argument("--repeats", type=int, default=5, help="runs of each case; medians are reported")
+    parser.add_argument("--batch-size", type=int, default=None, help="data.batch_size (default: the config's)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
 
     common = [f"train.steps={args.steps}", f"train.eval_every={10 * args.steps}",
               f"train.checkpoint_every={10 * args.steps}", "train.log_every=100"]
+    if args.batch_size is not None:
+        common.append(f"data.batch_size={args.batch_size}")
     print(f"devices: {jax.local_devices()}", flush=True)
     # The hand-written loop: same model, step and batches, fed from device memory.
     config = load_config(args.config, common)

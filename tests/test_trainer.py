@@ -112,7 +112,7 @@ def test_run_writes_outputs_and_trains_on_4_devices(tmp_path, mnist1d_dir):
 
 
 def test_user_model_and_loss_by_import_path(tmp_path, mnist1d_dir):
-    run(tmp_path / "user", mnist1d_dir, "model.name=tests.custom_model:Linear", "model.kwargs={classes: 10}",
+    run(tmp_path / "user", mnist1d_dir, "model.name=tests.custom_model:Linear", "model.kwargs=!replace {classes: 10}",
         "loss.name=tests.custom_model:squared_hinge", "train.steps=30", "train.eval_every=1000")
     s = summary(tmp_path / "user")
     assert set(s["eval"]) == {"eval_loss", "eval_accuracy"} and s["steps"] == 30
@@ -176,7 +176,7 @@ def test_vae_reports_its_loss_terms(tmp_path, mnist1d_dir):
 
 
 def test_non_finite_loss_names_the_step(tmp_path, mnist1d_dir):
-    out = run(tmp_path / "nan", mnist1d_dir, "optimizer.name=sgd", "optimizer.kwargs={}", "schedule.lr=1e30",
+    out = run(tmp_path / "nan", mnist1d_dir, "optimizer.name=sgd", "optimizer.kwargs=!replace {}", "schedule.lr=1e30",
               "train.steps=50", check=False)
     assert out.returncode == 1
     assert "error: non-finite loss" in out.stderr and "at step " in out.stderr
