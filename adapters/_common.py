@@ -72,8 +72,7 @@ class StepAdapter:
 
         A running ``iter(adapter)`` stops; the next one starts at the saved step.
         """
-        step = LoaderState.from_dict(state).check(self.loader.source, self.loader.sampler)
-        self._step = check_start(step, self.loader.sampler)
+        self._step = LoaderState.from_dict(state).check(self.loader.source, self.loader.sampler)
         self._restores += 1
 
     def _counted(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:

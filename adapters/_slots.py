@@ -57,11 +57,14 @@ ORDERED_MACHINES = ("x86_64", "AMD64", "amd64")  # platform.machine() of x86-64 
 
 def use_slots(shared_slots: bool | None) -> bool:
     """Whether workers hand batches over through slots: ``shared_slots`` as asked, ``None``
-    meaning where the ordering argument above holds (x86-64). ``True`` elsewhere raises."""
+    meaning where the ordering argument above holds (x86-64) and ``/dev/shm`` exists (the
+    slots are files there). ``True`` elsewhere raises."""
     machine = platform.machine()
     ordered = machine in ORDERED_MACHINES
     if shared_slots is None:
-        return ordered and os.path.isdir("/dev/shm")  # the slots are files there (Linux)
+        return ordered and os.path.isdir("/dev/shm")
+    if shared_slots and not os.path.isdir("/dev/shm"):
+        raise ValueError("shared_slots=True needs /dev/shm (Linux), which this machine lacks: use None or False")
     if shared_slots and not ordered:
         raise ValueError(
             f"shared_slots=True needs an x86-64 machine, and this one is {machine!r}: the slots detect a batch "

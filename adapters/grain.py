@@ -1,7 +1,6 @@
 """Grain adapter: a ``grain.MapDataset`` over steps whose elements are whole batches.
 
-Plus the JAX side: split a host batch per local device for ``pmap``, keep batches in
-flight on the devices, and take the part spec from ``jax.process_index()``.
+Feeding the batches to JAX devices is :mod:`adapters.jax`'s job (it needs no Grain).
 """
 
 from __future__ import annotations
@@ -81,12 +80,12 @@ class GrainLoader(StepAdapter):
 
     Args:
       source, sampler: what to read and in which order (see :class:`loaders.Loader`).
-      worker_count: Grain worker processes (0: read in this process, with threads).
+      worker_count: Grain worker processes (0: read in this process).
       worker_buffer_size: batches each worker keeps ready.
       read_threads, prefetch: Grain ``ReadOptions``: threads reading ahead, and how many
         batches they buffer. 0 (the default) reads on demand: a whole-batch read is tens
-        of microseconds, less than a thread hand-off costs, and the trainer's device
-        prefetcher already reads ahead in its own thread.
+        of microseconds, less than a thread hand-off costs, and ``device_batches``
+        already reads a few batches ahead while the devices compute.
       transform, collate: per-record transform ``fn(record, rng)`` and collate.
       shared_slots: workers hand batches over through a ring of shared-memory slots
         they reuse, instead of Grain's new segment per array per batch. ``None`` (the

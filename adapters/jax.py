@@ -58,6 +58,10 @@ def device_batches(
 ) -> Iterator[dict[str, Any]]:
     """Split each host batch over the local devices and keep ``size`` batches in flight there.
 
+    Reading runs ahead of the batch handed out: feed it ``adapter.iter_from(step)`` and save
+    ``LoaderState.create(trained_step, ...)`` yourself, not the adapter's state, which
+    counts the batches read ahead too.
+
     Each array becomes ``(len(devices), per_device, ...)``, ready for ``pmap``; with
     ``copy`` it is also copied to the devices ahead of use, as a ``jax.Array`` sharded
     along its first axis over ``devices`` (default ``jax.local_devices()``). ``copy``

@@ -20,11 +20,11 @@ def stack_field(values: list[Any], name: str, where: Callable[[int], str] | None
         return np.asarray(values, dtype=str)
     if isinstance(first, np.ndarray):
         for k, v in enumerate(values):
-            if not isinstance(v, np.ndarray) or v.shape != first.shape:
-                shape = getattr(v, "shape", type(v).__name__)
+            if not isinstance(v, np.ndarray) or v.shape != first.shape or v.dtype != first.dtype:
+                got = f"{v.dtype} {v.shape}" if isinstance(v, np.ndarray) else type(v).__name__
                 raise DataError(
-                    f"{where(k) if where else f'record {k} of {name!r}'}: shape {shape} differs from {first.shape} "
-                    "of the batch's first record; cannot stack (use read_records or a collate function)"
+                    f"{where(k) if where else f'record {k} of {name!r}'}: holds {got}, but the batch's first record "
+                    f"holds {first.dtype} {first.shape}; cannot stack (use read_records or a collate function)"
                 )
         return np.stack(values)
     return values

@@ -187,8 +187,9 @@ class _Key:
         self.record_shape = probe.shape[1:]
 
     def describe(self) -> str:
-        # dtype.str of a compound dtype is only its size ("|V12"): name the fields then
-        dtype = self.dtype.str if self.dtype.names is None else str(self.dtype.descr)
+        # dtype.str of a compound or subarray dtype is only its size ("|V12"): spell it out then
+        plain = self.dtype.names is None and self.dtype.subdtype is None
+        dtype = self.dtype.str if plain else str(self.dtype.descr if self.dtype.names else self.dtype)
         return f"{self.name}:{dtype}{list(self.shape)}"
 
 

@@ -87,4 +87,10 @@ class LoaderState:
             )
         if self.step < 0:
             raise StateMismatchError(f"loader state has a negative step {self.step}")
+        total = getattr(sampler, "total_steps", None)
+        if total is not None and self.step > total:
+            raise StateMismatchError(
+                f"loader state is at step {self.step}, past the end of this sampler ({total} steps: "
+                f"{sampler.num_epochs} epoch(s) of {sampler.steps_per_epoch})"
+            )
         return self.step

@@ -24,10 +24,7 @@ from ._gather import BatchRows, gather_ints, gather_npy
 from ._progress import progress
 from ._shards import expand_shards
 from ._span import Span, map_span
-from ._tar_format import default_index_dir, load_index, scan_tar, split_name
-
-# the tar-format helpers stay importable from here, where callers found them before they moved
-__all__ = ["TarSource", "decode", "default_index_dir", "load_index", "scan_tar", "split_name"]
+from ._tar_format import default_index_dir, load_index
 
 _MAX_OPEN = 128
 
@@ -230,15 +227,28 @@ class TarSource:
             raise IndexError(f"record {bad} is out of range [0, {len(self)})")
         if self.transform is not None:
             return stack_records(self.read_records(idx))
+        if len(idx) == 0:
+            return self._empty_batch()
         out = {}
-        rows = self._rows(idx) if len(idx) else None
+        rows = self._rows(idx)
         for j, name, how in self._plan:
             if how == "npy":
                 out[name] = self._gather_npy(idx, j, rows)
-            elif how == "int" and len(idx):
+            elif how == "int":
                 out[name] = self._gather_int(idx, j, rows)
             else:
                 out[name] = self._per_record(idx, j)
+        return out
+
+    def _empty_batch(self) -> dict[str, Any]:
+        """A batch of no records: ``(0, ...)`` arrays shaped as record 0's, empty lists for other fields."""
+        out: dict[str, Any] = {}
+        for j, name, how in self._plan:
+            if how == "npy":
+                lay = self._layout(0, j)
+                out[name] = np.empty((0, *lay.shape), dtype=lay.native)
+            else:
+                out[name] = np.empty(0, dtype=np.int64) if how == "int" else []
         return out
 
     def _make_plan(self) -> list[tuple[int, str, str | None]]:
@@ -315,8 +325,6 @@ class TarSource:
         Every member's header is compared with that of the batch's first record, byte for
         byte; a member with another header (shape, dtype, order) takes the per-record path.
         """
-        if len(idx) == 0:
-            raise ValueError("empty batch")
         offsets, sizes = self._offsets[idx, j] + rows.base, self._sizes[idx, j]
         for fresh in (False, True):
             lay = self._layout(int(idx[0]), j, fresh)

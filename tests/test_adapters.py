@@ -167,7 +167,8 @@ def test_iter_from_runs_to_the_sampler_end_and_refuses_steps_outside_it(framewor
     for step in (-1, 9):
         with pytest.raises(IndexError, match=past.format(step)):
             loader.iter_from(step)
-    with pytest.raises(IndexError, match=past.format(9)):
+    with pytest.raises(StateMismatchError, match=r"loader state is at step 9, past the end of this sampler "
+                                                 r"\(8 steps: 2 epoch\(s\) of 4\)"):
         loader.load_state_dict({**loader.state_dict(), "step": 9})
     assert loader.step == 0
     endless = TorchLoader(src, Sampler(len(src), BATCH)) if framework == "torch" else GrainLoader(src, Sampler(len(src), BATCH))

@@ -297,3 +297,13 @@ def test_cli_inspects_a_file_with_scalar_and_empty_datasets(tmp_path):
     lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:] if line.strip()}
     assert "shape=None records=-" in lines["empty"] and "shape=[] records=-" in lines["version"]
     assert "shape=[5, 2] records=5" in lines["x"]
+
+
+def test_fingerprint_tells_subarray_dtypes_of_one_size_apart(tmp_path):
+    texts = []
+    for name, dtype in (("f.h5", ("<f4", (3,))), ("i.h5", ("<i4", (3,)))):
+        path = tmp_path / name
+        with h5py.File(path, "w") as f:
+            f.create_dataset("rec", shape=(4,), dtype=np.dtype(dtype))
+        texts.append(H5Source(path).describe().split("keys=")[1])
+    assert texts[0] != texts[1] and "(3,)" in texts[0]

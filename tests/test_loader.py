@@ -243,3 +243,34 @@ def test_epoch_orders_are_safe_across_threads():
         for epoch, indices in got.items():
             np.testing.assert_array_equal(indices, reference[epoch])
         assert len(sampler._cache) == 2
+
+
+def test_state_past_the_samplers_end_is_refused(request):
+    src = build_source("h5", request)
+    three = Loader(src, Sampler(len(src), 100, seed=1, num_epochs=3))
+    take(three, 7)
+    one = Loader(src, Sampler(len(src), 100, seed=1, num_epochs=1))
+    with pytest.raises(StateMismatchError, match=r"loader state is at step 7, past the end of this sampler "
+                                                 r"\(3 steps: 1 epoch\(s\) of 3\)"):
+        one.load_state_dict(three.state_dict())
+    at_end = {**three.state_dict(), "step": 3}
+    one.load_state_dict(at_end)  # the end itself is a valid place to stand: nothing left
+    assert list(one) == []
+
+
+def test_empty_batches_keep_their_fields(request):
+    tar = build_source("tar", request)
+    empty = tar.read_batch([])
+    assert empty["npy"].shape == (0, 3, 8, 8) and empty["npy"].dtype == np.uint8
+    assert empty["cls"].shape == (0,) and empty["cls"].dtype == np.int64
+    h5 = build_source("h5", request).read_batch([])
+    assert h5["x"].shape == (0, 3, 8, 8) and h5["y"].shape == (0,)
+
+
+def test_default_collate_refuses_mixed_dtypes():
+    from loaders import DataError
+    from loaders._collate import stack_records
+
+    with pytest.raises(DataError, match=r"record 1 of 'a': holds float32 \(2,\), but the batch's first record holds "
+                                        r"int32 \(2,\); cannot stack"):
+        stack_records([{"a": np.zeros(2, np.int32)}, {"a": np.zeros(2, np.float32)}])

@@ -67,3 +67,14 @@ def test_span_is_refused_where_its_flags_are_unknown(machine, wds_shards, record
     for k in expected:
         assert batch[k].dtype == expected[k].dtype
         np.testing.assert_array_equal(batch[k], expected[k])
+
+
+def test_slots_need_dev_shm(monkeypatch):
+    import os
+
+    isdir = os.path.isdir
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(os.path, "isdir", lambda p: False if p == "/dev/shm" else isdir(p))
+    assert use_slots(None) is False
+    with pytest.raises(ValueError, match=r"^shared_slots=True needs /dev/shm \(Linux\), which this machine lacks"):
+        use_slots(True)

@@ -111,6 +111,15 @@ def test_run_writes_outputs_and_trains_on_4_devices(tmp_path, mnist1d_dir):
     assert "jax" in json.loads((ckpt / "versions" / "metadata").read_text())
 
 
+def test_user_source_by_import_path(tmp_path, mnist1d_dir):
+    from trainers.config import load_config
+    from trainers.train import train_and_evaluate
+
+    config = load_config(MLP, [f"data.cache_dir={mnist1d_dir}", "data.source=tests.custom_model:ScaledH5",
+                               "train.steps=3", "train.eval_every=0"])
+    assert train_and_evaluate(config, str(tmp_path / "run"), progress=False)["steps"] == 3
+
+
 def test_user_model_and_loss_by_import_path(tmp_path, mnist1d_dir):
     run(tmp_path / "user", mnist1d_dir, "model.name=tests.custom_model:Linear", "model.kwargs=!replace {classes: 10}",
         "loss.name=tests.custom_model:squared_hinge", "train.steps=30", "train.eval_every=1000")

@@ -26,7 +26,7 @@ class DataConfig:
     """
 
     dataset: str | None = None
-    source: str = "h5"  # a name in loaders.DATASET_REGISTRY: h5 | h5_cached | tar, or one you registered
+    source: str = "h5"  # a name in loaders.DATASET_REGISTRY (h5 | h5_cached | tar, or registered) or module:Class
     train: Any = None
     eval: Any = None
     cache_dir: str | None = None
@@ -207,7 +207,8 @@ def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
         else:
             kwargs[key] = _check_type(value, hint, f"{where}{key}")
             choices = _choices(where.rstrip("."), key)
-            if choices and kwargs[key] not in choices:
+            by_path = (where, key) == ("data.", "source") and ":" in kwargs[key]  # module:Class
+            if choices and kwargs[key] not in choices and not by_path:
                 raise ConfigError(f"{where}{key} must be one of {choices}, got {kwargs[key]!r}")
             low = MINIMUM.get((where.rstrip("."), key))
             if low is not None and kwargs[key] is not None and kwargs[key] < low:

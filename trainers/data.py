@@ -79,7 +79,13 @@ def prepare_mnist1d(cache_dir: str | None = None, shard_size: int = 1000) -> dic
 
 
 def source_class(cfg: DataConfig) -> type:
-    """The class ``data.source`` names in :data:`loaders.DATASET_REGISTRY` (the one list of source kinds)."""
+    """The class ``data.source`` names: a name in :data:`loaders.DATASET_REGISTRY` (the one list of
+    source kinds) or an import path ``module:Class``. It is called as
+    ``cls(path, keys=..., rename=...)``, plus ``part=`` when its ``holds_part`` is true."""
+    if ":" in cfg.source:
+        from .models import import_path
+
+        return import_path(cfg.source)
     return DATASET_REGISTRY.get(cfg.source)
 
 
@@ -106,12 +112,13 @@ def _paths(cfg: DataConfig) -> tuple[Any, Any]:
 
 def _source(cfg: DataConfig, path: Any, part: ProcessPart | None) -> Any:
     cls = source_class(cfg)
+    tar = getattr(cls, "data_format", None) == "tar"
     keys, rename = cfg.keys, cfg.key_mapping
-    if cfg.dataset == "mnist1d" and cls.data_format == "tar" and rename is None:
+    if cfg.dataset == "mnist1d" and tar and rename is None:
         rename, keys = MNIST1D_TAR_FIELDS, list(MNIST1D_TAR_FIELDS)
-    if keys is None and rename and cls.data_format == "tar":
+    if keys is None and rename and tar:
         keys = list(rename)  # ATEK's dict_key_mapping: the mapping selects the fields too
-    extra = {"part": part} if getattr(cls, "holds_part", False) and part is not None else {}
+    extra = {"part": part} if holds_part(cfg) and part is not None else {}
     return cls(path, keys=keys, rename=rename, **extra)
 
 
@@ -123,12 +130,13 @@ def build_sources(cfg: DataConfig, part: ProcessPart) -> tuple[Any, Any | None]:
     return train, evaluation
 
 
-def train_batches(cfg: DataConfig, source: Any, sampler: Sampler):
-    """The resumable training stream through the configured adapter."""
+def build_adapter(cfg: DataConfig, source: Any, sampler: Sampler):
+    """The configured adapter over ``source`` (imported only when named); the trainer reads it
+    through ``iter_from(step)`` and keeps the resume position itself."""
     if cfg.adapter == "torch":
         from adapters.torch import TorchLoader
 
-        return TorchLoader(source, sampler, num_workers=cfg.workers, per_epoch=False)
+        return TorchLoader(source, sampler, num_workers=cfg.workers)
     from adapters.grain import GrainLoader
 
     return GrainLoader(source, sampler, worker_count=cfg.workers)

@@ -31,7 +31,7 @@ from loaders import LoaderState, Sampler
 
 from . import checkpoints, parallel
 from .config import Config, OptimizerConfig, ScheduleConfig
-from .data import build_sources, eval_loader, holds_part, to_numpy, train_batches
+from .data import build_adapter, build_sources, eval_loader, holds_part, to_numpy
 from .losses import build_loss
 from .models import build_model, takes_rng
 
@@ -311,7 +311,8 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
     """Train ``config`` in ``workdir``, resuming from its latest checkpoint unless ``fresh``.
 
     Returns the summary (also written to ``workdir/summary.json``); an interrupted
-    run (SIGTERM, Ctrl-C) returns ``{"interrupted": True, ...}`` after saving.
+    run (SIGTERM, Ctrl-C) saves a checkpoint and returns the summary with
+    ``"interrupted"`` set to the signal's name (``"SIGTERM"``, ``"SIGINT"``).
     """
     t_start = time.time()
     _start_workdir(workdir, fresh)
@@ -357,7 +358,7 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
     bar = _progress(total, start, progress)
     eval_metrics: dict[str, float] = {}
     step, interrupted = start, None
-    adapter = train_batches(cfg, train_src, sampler)  # kept alive while its stream runs
+    adapter = build_adapter(cfg, train_src, sampler)  # kept alive while its stream runs
     stream = device_batches(map(inputs, adapter.iter_from(start)), devices=devices, size=2)
     with open(metrics_path, "a") as log, _StopRequest() as stop:
         meter = Meter(log, schedule, cfg.batch_size, bar)
