@@ -179,12 +179,7 @@ class _Key:
         self.chunk_rows = ds.chunks[0] if ds.chunks else None
         self.row_bytes = ds.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
         self.starts = _direct_layout(ds, file_size) if direct else None
-        # What reads return: native byte order (also inside compound fields), and a
-        # subarray dtype ("array" datatype) unfolded into the record shape.
-        self.native = ds.dtype.newbyteorder("=")
-        probe = np.empty((0, *self.shape[1:]), dtype=self.native)
-        self.out_dtype = probe.dtype
-        self.record_shape = probe.shape[1:]
+        self.native = ds.dtype.newbyteorder("=")  # what reads return (also inside compound fields)
 
     def describe(self) -> str:
         # dtype.str of a compound or subarray dtype is only its size ("|V12"): spell it out then
@@ -204,9 +199,7 @@ class H5Source:
       rename: optional ``{dataset: output name}`` for the batch dict keys.
       rdcc_nbytes, rdcc_nslots, rdcc_w0: HDF5's chunk cache for this file (h5py's
         defaults when None). Random single-record reads through HDF5 want
-        ``rdcc_nbytes=0`` or a cache larger than the data: any other cache of at
-        least one chunk pulls a whole chunk per record (about 11k records/s, against
-        150k/s and 210k/s, for 1024x128 float32 chunks; see the module docstring).
+        ``rdcc_nbytes=0`` or a cache larger than the data (rates in the module docstring).
       direct: read uncompressed datasets straight from the file's bytes (an ``mmap``
         per process) instead of through HDF5: the fast path for shuffled reads.
         Compressed or unusually chunked datasets always go through h5py.
@@ -436,7 +429,7 @@ class H5CachedSource:
         self._block_starts = lazy.block_starts
         part = self.part.records(self._num_records)
         self._part_size = len(part)
-        specs = {lazy.rename.get(k.name, k.name): ((len(part), *k.record_shape), k.out_dtype) for k in lazy._keys}
+        specs = {lazy.rename.get(k.name, k.name): ((len(part), *k.shape[1:]), k.native) for k in lazy._keys}
         self._arrays = SharedArrays(specs, share=share)
         step = max(1, (64 << 20) // max(1, sum(k.row_bytes for k in lazy._keys)))
         bar = _progress(len(part), f"caching {os.path.basename(self.path)}", progress)
