@@ -9,8 +9,13 @@ The main process copies the arrays out of its read-only map of that slot.
 Segments are plain files in ``/dev/shm`` created without Python's resource tracker:
 a forked worker must take no lock that another thread of its parent might have
 held at the fork. The worker unlinks its segments when it exits (also when it
-notices its parent died); the main process unlinks every segment of its loader
-(one name prefix per loader) when the loader goes away.
+notices its parent died); the main process drops its maps of a stream's segments
+when the stream ends (so exited workers' memory is not pinned across epochs) and
+unlinks every segment of its loader (one name prefix per loader) when the loader
+goes away. When every process is killed at once (a process group killed by
+``SIGKILL``, an out-of-memory kill), none of that runs: each name therefore carries
+the owner's pid and start time, and every new loader first removes the segments
+whose owner is no longer running (:func:`sweep`).
 
 A slot is reused only ``slots`` batches later. Each slot starts with a sequence
 number that the worker sets to -1 while writing; the reader checks it before and
@@ -97,9 +102,38 @@ class SlotRef(NamedTuple):
 _CREATED: set[str] = set()  # this process's segments, for unlink_created()
 
 
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), or None if it is not running."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
 def new_token() -> str:
-    """A prefix for one loader's segments, so its owner can find and remove them all."""
-    return uuid.uuid4().hex[:12]
+    """A prefix for one loader's segments, so its owner can find and remove them all:
+    ``<owner pid>x<owner start time>x<random>``."""
+    return f"{os.getpid()}x{_started(os.getpid()) or 0}x{uuid.uuid4().hex[:8]}"
+
+
+def sweep() -> list[str]:
+    """Remove the slot segments whose owner is no longer running (killed before it could
+    clean up); returns their names. A segment of a live owner is never touched."""
+    removed = []
+    for name in os.listdir("/dev/shm"):
+        if not name.startswith("tandem_slot_"):
+            continue
+        parts = name.split("_")  # tandem, slot, token, worker pid, random
+        owner = parts[2].split("x") if len(parts) == 5 else []
+        if len(owner) == 3 and owner[0].isdigit():
+            alive = _started(int(owner[0])) == owner[1]
+        else:  # a name from before owners were recorded: its worker's pid decides
+            alive = len(parts) == 5 and parts[3].isdigit() and _started(int(parts[3])) is not None
+        if not alive:
+            _unlink(name)
+            removed.append(name)
+    return removed
 
 
 def _unlink(name: str) -> None:
@@ -189,6 +223,12 @@ class SlotReader:
         self.maps: OrderedDict[str, Any] = OrderedDict()
         self.max_open = max_open
         self.token = token
+        sweep()
+
+    def release(self) -> None:
+        """Drop this process's maps (a stream ended: its workers unlink their segments as they
+        exit, and a map kept here would pin the memory). Later batches map afresh."""
+        self.maps.clear()
 
     def close(self) -> None:
         """Unlink every segment of this loader (workers unlink their own too; twice is harmless)."""

@@ -174,6 +174,7 @@ class GrainLoader(StepAdapter):
             close = getattr(it, "close", None)
             if close is not None:
                 close()
+            self._reader.release()  # the workers are gone: pin none of their slots
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """The stream from :attr:`step` to the sampler's end, counting the batches taken."""

@@ -230,7 +230,14 @@ class TorchLoader(StepAdapter):
         sampler = self.dataloader.sampler
         sampler.start, sampler.stop = start, stop
         items = iter(self.dataloader)  # reads the range now, before another stream may set its own
-        return (batch for item in items for batch in self._receive(item))
+        return self._stream(items)
+
+    def _stream(self, items: Iterator[Any]) -> Iterator[dict[str, Any]]:
+        try:
+            for item in items:
+                yield from self._receive(item)
+        finally:
+            self._reader.release()  # this stream's workers are ending: pin none of their slots
 
     def _receive(self, item: Any) -> list[dict[str, Any]]:
         """The batches of one DataLoader item, as tensors."""

@@ -22,6 +22,7 @@ import numpy as np
 
 from ._bytes import ByteWindows
 from ._errors import DataError
+from ._guard import file_digest, watch
 from ._part import ProcessPart
 from ._progress import progress as _progress
 from .shm import SharedArrays
@@ -68,7 +69,11 @@ def _keys_of(f, path: str, keys: str | Sequence[str] | None) -> tuple[list[str],
     if keys is None:
         found: list[str] = []
         skipped: dict[str, str] = {}
-        for k, v in f.items():
+        for k in f:
+            v = f.get(k)
+            if v is None:  # a link to nothing
+                skipped[k] = _broken_link(f, k)
+                continue
             if not isinstance(v, h5py.Dataset):
                 continue
             problem = _not_records(v)
@@ -86,10 +91,12 @@ def _keys_of(f, path: str, keys: str | Sequence[str] | None) -> tuple[list[str],
     if not keys:
         raise ValueError(f"{path}: keys is empty")
     for k in keys:
-        if k not in f:
+        obj = f.get(k) if k in f else None
+        if obj is None:
+            if f.get(k, getlink=True) is not None:
+                raise DataError(f"{path}: {k!r} is a {_broken_link(f, k)}")
             have = _dataset_names(f)
             raise DataError(f"{path}: no dataset {k!r}; the file has: {', '.join(have) or '(none)'}")
-        obj = f[k]
         if isinstance(obj, h5py.Group):
             inside = [f"{k.strip('/')}/{n}" for n in _dataset_names(obj)]
             raise DataError(f"{path}: {k!r} is a group, not a dataset; its datasets: {', '.join(inside) or '(none)'}")
@@ -99,6 +106,51 @@ def _keys_of(f, path: str, keys: str | Sequence[str] | None) -> tuple[list[str],
         if problem is not None:
             raise DataError(f"{path}: dataset {k!r} {problem[1]}")
     return keys, {}
+
+
+def _broken_link(f, name: str) -> str:
+    """What a link that resolves to nothing points at (a soft link to a missing path, or an
+    external link to a file or dataset that cannot be opened)."""
+    link = f.get(name, getlink=True)
+    if isinstance(link, _h5py().ExternalLink):
+        return f"external link to {link.path!r} in {link.filename!r}, which cannot be opened"
+    target = getattr(link, "path", None)
+    return f"dangling soft link to {target!r}" if target is not None else "link to nothing"
+
+
+def _check_virtual(ds, path: str, name: str) -> None:
+    """Refuse a virtual dataset whose source file or dataset is missing: HDF5 would return its
+    fill value for those records, silently."""
+    if not ds.is_virtual:
+        return
+    h5py = _h5py()
+    here = os.path.dirname(os.path.abspath(path))
+    prefix = os.environ.get("HDF5_VDS_PREFIX")
+    for src in ds.virtual_sources():
+        if src.file_name == ".":
+            if src.dset_name not in ds.file:
+                raise DataError(
+                    f"{path}: virtual dataset {name!r} maps dataset {src.dset_name!r} of this file, which does not exist"
+                )
+            continue
+        places = [src.file_name] if os.path.isabs(src.file_name) else [
+            *([os.path.join(prefix, src.file_name)] if prefix else []),
+            os.path.join(here, src.file_name),
+            os.path.abspath(src.file_name),
+        ]
+        found = next((p for p in places if os.path.exists(p)), None)
+        if found is None:
+            raise DataError(
+                f"{path}: virtual dataset {name!r} maps {src.file_name!r}:{src.dset_name!r}, and that file is missing "
+                f"(looked in: {', '.join(places)}); HDF5 would read its records as the fill value"
+            )
+        try:
+            with h5py.File(found, "r") as g:
+                ok = src.dset_name in g and isinstance(g.get(src.dset_name), h5py.Dataset)
+        except OSError as e:
+            raise DataError(f"{path}: virtual dataset {name!r} maps {found!r}, which cannot be opened as HDF5: {e}") from e
+        if not ok:
+            raise DataError(f"{path}: virtual dataset {name!r} maps dataset {src.dset_name!r} of {found!r}, which does not exist")
 
 
 def _dataset_names(f) -> list[str]:
@@ -233,6 +285,8 @@ class H5Source:
         with _open(self.path, **self._cache_opts) as f:
             names, self._skipped = _keys_of(f, self.path, keys)
             size = stat.st_size if stat else 0
+            for k in names:
+                _check_virtual(f[k], self.path, k)
             self._keys = [_Key(k, f[k], size, direct) for k in names]
         self._num_records = _check_lengths(self.path, {k.name: k.shape for k in self._keys}, chosen=keys is not None)
         self._stat = (stat.st_size, stat.st_mtime_ns) if stat else None
@@ -244,6 +298,7 @@ class H5Source:
         self._pid: int | None = None
         self._file = None
         self._mm: ByteWindows | None = None
+        self._content: str | None = None
 
     # --------------------------------------------------------------- protocol
     def __len__(self) -> int:
@@ -273,7 +328,9 @@ class H5Source:
         # and a skipped dataset that later gains a record axis joins the default keys
         # and so changes this text anyway.
         keys = ", ".join(k.describe() for k in self._keys)
-        return f"H5Source({os.path.basename(self.path)!r}, records={self._num_records}, keys=[{keys}])"
+        if self._content is None:
+            self._content = file_digest(self.path)
+        return f"H5Source({os.path.basename(self.path)!r}, records={self._num_records}, keys=[{keys}], content={self._content})"
 
     def __repr__(self) -> str:
         skipped = f", skipped={self._skipped}" if self._skipped else ""
@@ -326,6 +383,7 @@ class H5Source:
             self._mm = None
             if any(k.starts is not None for k in self._keys):
                 self._mm = ByteWindows(np.memmap(self.path, dtype=np.uint8, mode="r"))
+                watch(self.path, self._stat[0])
             self._pid = pid
 
     def _read_direct(self, k: _Key, idx: np.ndarray) -> np.ndarray:
@@ -425,6 +483,7 @@ class H5CachedSource:
                 )
         self._num_records = len(lazy)
         self._describe_keys = ", ".join(k.describe() for k in lazy._keys)
+        self._content = file_digest(self.path)
         self._skipped = lazy.skipped
         self._block_starts = lazy.block_starts
         part = self.part.records(self._num_records)
@@ -466,14 +525,14 @@ class H5CachedSource:
 
     @property
     def shm_name(self) -> str | None:
-        """The shared-memory segment's name (``/dev/shm/<name>`` on Linux)."""
+        """A label of the shared-memory segment (``memfd:...`` on Linux: anonymous, nothing in ``/dev/shm``)."""
         return self._arrays.name
 
     def describe(self) -> str:
         """What is read, for the resume fingerprint (skipped datasets left out, as in H5Source)."""
         return (
             f"H5CachedSource({os.path.basename(self.path)!r}, records={self._num_records}, "
-            f"keys=[{self._describe_keys}])"
+            f"keys=[{self._describe_keys}], content={self._content})"
         )
 
     def __repr__(self) -> str:

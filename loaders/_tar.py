@@ -21,6 +21,7 @@ from ._collate import stack_field, stack_records
 from ._decode import INT_EXTS, NPY_HEAD, NpyLayout, decode
 from ._errors import DataError
 from ._gather import BatchRows, gather_ints, gather_npy
+from ._guard import files_digest, watch
 from ._progress import progress
 from ._shards import expand_shards
 from ._span import Span, map_span
@@ -132,6 +133,7 @@ class TarSource:
         self._span_pid: int | None = None
         self._npy: dict[tuple[int, int], NpyLayout] = {}
         self._plan = self._make_plan()
+        self._content: str | None = None
 
     # --------------------------------------------------------------- protocol
     def __len__(self) -> int:
@@ -152,12 +154,16 @@ class TarSource:
         return self._keys[index]
 
     def describe(self) -> str:
+        """What is read, for the resume fingerprint: shard names, records, fields, and a digest of the
+        shards' content (sizes and sampled blocks), so a moved copy matches and other data does not."""
         names = "\n".join(os.path.basename(p) for p in self.shards)
         digest = hashlib.sha256(names.encode()).hexdigest()[:12]
+        if self._content is None:
+            self._content = files_digest(self.shards)
         first, last = os.path.basename(self.shards[0]), os.path.basename(self.shards[-1])
         return (
             f"TarSource({len(self.shards)} shards {first}..{last} #{digest}, records={len(self)}, "
-            f"fields={self.fields}, rename={self.rename})"
+            f"fields={self.fields}, rename={self.rename}, content={self._content})"
         )
 
     def __repr__(self) -> str:
@@ -179,6 +185,7 @@ class TarSource:
             end = int(self._shard_end[shard])
             if len(mm) < end:
                 raise DataError(f"{path}: the shard shrank since it was indexed ({len(mm)} bytes, index needs {end})")
+            watch(path, len(mm))
             entry = _Mapped(mm)
             self._open[shard] = entry
             if len(self._open) > _MAX_OPEN:
@@ -276,6 +283,8 @@ class TarSource:
                             f"{self.shards[k]}: the shard shrank since it was indexed "
                             f"({int(span.sizes[k])} bytes, index needs {int(self._shard_end[k])})"
                         )
+                    for path, size in zip(self.shards, span.sizes.tolist(), strict=True):
+                        watch(path, size)
                 self._span, self._span_pid = span, pid
             return self._span
 

@@ -1,11 +1,18 @@
-"""Numpy arrays in one POSIX shared-memory segment, shared with worker processes.
+"""Numpy arrays in one shared-memory segment, shared with worker processes.
 
-The owner creates the segment through :class:`multiprocessing.shared_memory.SharedMemory`,
-which registers it with Python's resource tracker: if the owner is killed, the tracker
-(a separate process) unlinks it. A normal exit or an exception unlinks it through a
-finalizer. Other processes attach read-only by mapping ``/dev/shm/<name>`` directly,
-so they never register the segment themselves (Python 3.11's attach does, and a
-process that is not the owner would then unlink it when it exits).
+On Linux the segment is anonymous memory made by ``memfd_create``: it has no name in
+``/dev/shm`` and the kernel frees it when the last process holding it (its descriptor
+or a map of it) goes away, however they end, a whole process group killed by
+``SIGKILL`` or an out-of-memory kill included: nothing can leak. Forked workers
+inherit the map; a spawned worker receives ``(owner pid, descriptor)`` and opens
+``/proc/<pid>/fd/<fd>``, which works while the owner lives (it owns the source the
+worker reads).
+
+Where ``memfd_create`` is missing, the segment is a named POSIX segment made through
+:class:`multiprocessing.shared_memory.SharedMemory`, which registers it with Python's
+resource tracker (unlinked if the owner is killed, unless the tracker is killed too).
+A normal exit or an exception unlinks it through a finalizer. Other processes attach
+read-only by mapping it directly, so they never register it themselves.
 
 The layout keeps each array's full dtype as a ``numpy.lib.format`` descriptor (plain
 strings, lists and tuples that survive pickling and JSON): compound dtypes keep their
@@ -68,18 +75,31 @@ class SharedArrays:
             offset += -(-nbytes // _ALIGN) * _ALIGN
         self.nbytes = offset
         self.name: str | None = None
+        self._memfd: tuple[int, int, int] | None = None  # (owner pid, descriptor, inode)
         self._shm = None
         self._map: Any = None
-        if share:
+        size = max(offset, 1)
+        if share and hasattr(os, "memfd_create"):
+            fd = os.memfd_create("tandem_cache", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+                buf = self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._memfd = (os.getpid(), fd, os.fstat(fd).st_ino)
+            self.name = f"memfd:tandem_cache (pid {os.getpid()}, fd {fd})"
+            self._finalizer = weakref.finalize(self, _close_fd, fd)
+        elif share:
             # Created through SharedMemory so the resource tracker knows it, but mapped
             # by hand: SharedMemory's own buffer refuses to close while numpy views live.
-            self._shm = shared_memory.SharedMemory(create=True, size=max(offset, 1))
+            self._shm = shared_memory.SharedMemory(create=True, size=size)
             self._shm.close()
             self.name = self._shm.name
             self._finalizer = weakref.finalize(self, _unlink, self._shm, os.getpid())
-            buf = self._map = map_segment(self.name, max(offset, 1), writable=True)
+            buf = self._map = map_segment(self.name, size, writable=True)
         else:
-            buf = bytearray(max(offset, 1))
+            buf = bytearray(size)
         self.arrays = self._views(buf)
 
     def _views(self, buf) -> dict[str, np.ndarray]:
@@ -95,26 +115,57 @@ class SharedArrays:
             arr.flags.writeable = False
 
     def close(self) -> None:
-        """Unlink the segment (owner only) and drop this process's views."""
+        """Release the segment (the memory is freed once no process maps it) and drop this process's views."""
         self.arrays = {}
-        if self._shm is not None:
+        if self._shm is not None or self._memfd is not None:
             self._finalizer()
-            self._shm = None
+            self._shm = self._memfd = None
         self._map = None
 
     def __getstate__(self) -> dict[str, Any]:
+        state = {"layout": self.layout, "nbytes": self.nbytes, "name": self.name, "memfd": self._memfd}
         if self.name is None:
-            return {"layout": self.layout, "nbytes": self.nbytes, "name": None, "arrays": self.arrays}
-        return {"layout": self.layout, "nbytes": self.nbytes, "name": self.name}
+            state["arrays"] = self.arrays
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.layout, self.nbytes, self.name = state["layout"], state["nbytes"], state["name"]
-        self._shm = None
+        self._shm = self._memfd = None
+        size = max(self.nbytes, 1)
         if self.name is None:
             self.arrays = state["arrays"]
             return
-        self._map = map_segment(self.name, max(self.nbytes, 1), writable=False)
+        if state.get("memfd") is not None:
+            self._map = _map_memfd(*state["memfd"], size)
+        else:
+            self._map = map_segment(self.name, size, writable=False)
         self.arrays = self._views(self._map)
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _map_memfd(pid: int, fd: int, inode: int, size: int) -> mmap.mmap:
+    """Map another process's memfd read-only, through ``/proc/<pid>/fd/<fd>`` (checked to be
+    the same file: a closed descriptor's number may have been reused)."""
+    try:
+        local = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)
+    except OSError as e:
+        raise DataError(
+            f"the shared memory of a cached source is gone or unreachable (/proc/{pid}/fd/{fd}: {e.strerror}): "
+            f"the process that loaded the cache (pid {pid}) has exited, or this system forbids opening "
+            "another process's descriptors"
+        ) from e
+    try:
+        if os.fstat(local).st_ino != inode:
+            raise DataError(f"the shared memory of a cached source is gone: the process that loaded it (pid {pid}) closed it")
+        return mmap.mmap(local, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    finally:
+        os.close(local)
 
 
 def map_segment(name: str, size: int, *, writable: bool) -> mmap.mmap:
