@@ -40,6 +40,17 @@ class LoaderState:
     sampler: str
     version: int = VERSION
 
+    def __post_init__(self) -> None:
+        """Refuse fields of the wrong type (``"5"``, ``5.0`` or ``True`` for a step): never coerced."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), (int if f.name in ("step", "seed", "version") else str)
+            if type(value) is not kind:
+                expected = "an int" if kind is int else "a str"
+                got = f"{value!r} ({type(value).__name__})"
+                raise StateMismatchError(f"loader state field {f.name!r} must be {expected}, got {got}")
+        if self.step < 0:
+            raise StateMismatchError(f"loader state field 'step' must be at least 0, got {self.step}")
+
     @classmethod
     def create(cls, step: int, source: Any, sampler: Any) -> LoaderState:
         """The state of a loader over ``source`` and ``sampler`` at ``step``."""
@@ -61,16 +72,22 @@ class LoaderState:
         if isinstance(state, LoaderState):
             return state
         if isinstance(state, str | bytes):
-            state = json.loads(state)
+            try:
+                state = json.loads(state)
+            except ValueError as e:
+                raise StateMismatchError(f"a loader state string must be JSON: {e}") from None
         if not isinstance(state, dict):
             raise StateMismatchError(f"a loader state must be a dict, got {type(state).__name__}")
         version = state.get("version")
-        if version != VERSION:
+        if type(version) is not int or version != VERSION:
             raise StateMismatchError(f"loader state version {version!r} is not supported (this Tandem reads {VERSION})")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(fields - set(state))
+        fields = [f.name for f in dataclasses.fields(cls)]
+        missing = [k for k in fields if k not in state]
         if missing:
             raise StateMismatchError(f"loader state is missing {', '.join(missing)}: {state!r}")
+        extra = sorted(map(str, set(state) - set(fields)))
+        if extra:
+            raise StateMismatchError(f"loader state has unknown field(s) {', '.join(extra)} (expected: {', '.join(fields)})")
         return cls(**{k: state[k] for k in fields})
 
     def check(self, source: Any, sampler: Any) -> int:
@@ -85,8 +102,6 @@ class LoaderState:
                 f"  saved:   {self.fingerprint}\n    source:  {self.source}\n    sampler: {self.sampler}\n"
                 f"  current: {mine}\n    source:  {describe_source(source)}\n    sampler: {sampler.describe()}"
             )
-        if self.step < 0:
-            raise StateMismatchError(f"loader state has a negative step {self.step}")
         total = getattr(sampler, "total_steps", None)
         if total is not None and self.step > total:
             raise StateMismatchError(

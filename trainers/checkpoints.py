@@ -26,8 +26,13 @@ def versions() -> dict[str, str]:
 
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    """The manager of ``workdir/checkpoints``, keeping the last ``keep``; it knows each item's handler,
+    so one item can be restored alone (:func:`saved_config`)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "loader": ocp.JsonCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(), "versions": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
+                                 item_handlers=handlers)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, loader: dict, config: dict) -> None:
@@ -55,3 +60,8 @@ def restore(mgr: ocp.CheckpointManager, step: int, like: Any) -> dict[str, Any]:
             versions=ocp.args.JsonRestore(),
         ),
     )
+
+
+def saved_config(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The resolved config checkpoint ``step`` was saved with (nothing else is read)."""
+    return mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

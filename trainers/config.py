@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import os
 import types
 import typing
@@ -121,21 +123,54 @@ CHOICES = {
     ("data", "adapter"): ("grain", "torch"),
     ("schedule", "name"): ("constant", "warmup_cosine", "cosine_restarts"),
 }
-# The smallest value of each integer setting (None stays allowed where the type allows it).
-MINIMUM = {
-    ("data", "batch_size"): 1,
-    ("data", "eval_batch_size"): 1,
-    ("data", "workers"): 0,
-    ("schedule", "warmup_steps"): 0,
-    ("schedule", "cycle_steps"): 1,
-    ("train", "steps"): 1,
-    ("train", "epochs"): 1,
-    ("train", "eval_every"): 0,
-    ("train", "checkpoint_every"): 0,
-    ("train", "keep_checkpoints"): 1,
-    ("train", "log_every"): 1,
-    ("train", "devices"): 1,
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric setting: from ``low`` (excluded if ``low_open``) up to ``high``; always finite."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return math.isfinite(value) and above and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        low = f"greater than {self.low}" if self.low_open else f"at least {self.low}"
+        if self.high is None:
+            return low
+        return f"greater than {self.low} and at most {self.high}" if self.low_open else f"between {self.low} and {self.high}"
+
+
+# The allowed values of every numeric setting ("" is the top level); None stays allowed where the type allows it.
+RANGES = {
+    ("", "seed"): Range(0, 2**63 - 1),
+    ("data", "batch_size"): Range(1),
+    ("data", "eval_batch_size"): Range(1),
+    ("data", "workers"): Range(0),
+    ("optimizer", "clip_norm"): Range(0, low_open=True),
+    ("schedule", "lr"): Range(0, low_open=True),
+    ("schedule", "warmup_steps"): Range(0),
+    ("schedule", "end_factor"): Range(0, 1),
+    ("schedule", "cycle_steps"): Range(1),
+    ("schedule", "cycle_mult"): Range(1),
+    ("schedule", "peak_decay"): Range(0, 1, low_open=True),
+    ("train", "steps"): Range(1),
+    ("train", "epochs"): Range(1),
+    ("train", "eval_every"): Range(0),  # 0: only at the end
+    ("train", "checkpoint_every"): Range(0),  # 0: only at the end
+    ("train", "keep_checkpoints"): Range(1),
+    ("train", "log_every"): Range(1),
+    ("train", "devices"): Range(1),
 }
+# What a resumed run may change: settings that alter neither the train state nor the training data and its order.
+# Every other difference from the checkpoint's config is refused (see resume_changes).
+RESUMABLE = frozenset({
+    "train.steps", "train.epochs", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.log_every", "train.devices", "data.adapter", "data.workers", "data.eval_batch_size",
+})
 
 
 def _choices(section: str, key: str) -> tuple[str, ...] | None:
@@ -210,9 +245,9 @@ def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
             by_path = (where, key) == ("data.", "source") and ":" in kwargs[key]  # module:Class
             if choices and kwargs[key] not in choices and not by_path:
                 raise ConfigError(f"{where}{key} must be one of {choices}, got {kwargs[key]!r}")
-            low = MINIMUM.get((where.rstrip("."), key))
-            if low is not None and kwargs[key] is not None and kwargs[key] < low:
-                raise ConfigError(f"{where}{key} must be at least {low}, got {kwargs[key]!r}")
+            rule = RANGES.get((where.rstrip("."), key))
+            if rule is not None and kwargs[key] is not None and kwargs[key] not in rule:
+                raise ConfigError(f"{where}{key} must be {rule}, got {kwargs[key]!r}")
     return cls(**kwargs)
 
 
@@ -246,11 +281,12 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A config file as a dict, with ``extends: base.yaml`` merged under it (recursively)."""
+    """A config file as a dict, with ``extends: base.yaml`` (or a list of files, merged in order, the
+    later over the earlier) merged under it, recursively."""
     path = os.path.abspath(path)
     if path in _seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle: {' -> '.join(_seen + (path,))}")
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such config file")
     with open(path) as f:
         try:
@@ -259,11 +295,14 @@ def read_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a config file must be a mapping")
-    base = doc.pop("extends", None)
-    if base is None:
-        return doc
-    base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
-    return _merge(read_yaml(base_path, _seen + (path,)), doc)
+    raw = doc.pop("extends", None)
+    bases = [raw] if isinstance(raw, str) else [] if raw is None else raw
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: 'extends' must be a file name or a list of file names, got {raw!r}")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = _merge(merged, read_yaml(os.path.join(os.path.dirname(path), base), _seen + (path,)))
+    return _merge(merged, doc)
 
 
 def apply_override(doc: dict[str, Any], override: str) -> dict[str, Any]:
@@ -306,3 +345,33 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         return _build(Config, doc)
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+_UNSET = object()
+
+
+def _leaves(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Every non-mapping value of ``doc`` by its dotted key (nested mappings, ``kwargs`` included, are walked)."""
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The settings in which ``current`` differs from a checkpoint's ``saved`` resolved config, each as
+    ``key: old -> new`` (values as JSON), split into (refused, allowed): allowed are only the keys in
+    :data:`RESUMABLE`. A schema setting the saved config lacks (an older Tandem) counts as its default."""
+    old, new = _leaves(saved), _leaves(json.loads(json.dumps(current)))
+    defaults = _leaves(Config().to_dict())
+    refused: list[str] = []
+    allowed: list[str] = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, defaults.get(key, _UNSET)), new.get(key, _UNSET)
+        if a != b:
+            a_text, b_text = ("(unset)" if v is _UNSET else json.dumps(v) for v in (a, b))
+            (allowed if key in RESUMABLE else refused).append(f"{key}: {a_text} -> {b_text}")
+    return refused, allowed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import io
 import os
 import shutil
@@ -42,13 +44,31 @@ def _write_tar(path: str, x: np.ndarray, y: np.ndarray, start: int) -> None:
                 tf.addfile(info, io.BytesIO(data))
 
 
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def prepare_mnist1d(cache_dir: str | None = None, shard_size: int = 1000) -> dict[str, Any]:
     """Generate MNIST-1D (4000 train, 1000 test, 40 features) once, as HDF5 and as tar shards.
 
-    Written to a temporary folder and renamed into place, so a killed first run never
-    leaves half a dataset. Returns the paths.
+    One process at a time (a lock file in the cache dir) writes a temporary folder there, flushes it to
+    disk and renames it into place, so a killed run never leaves half a dataset in use; the next run
+    removes what a killed one left (temporary folders, a folder without its DONE file) and writes it
+    again. Returns the paths.
     """
-    root = os.path.join(cache_dir or default_cache_dir(), "mnist1d")
+    cache = cache_dir or default_cache_dir()
+    root = os.path.join(cache, "mnist1d")
     paths = {
         "h5_train": os.path.join(root, "train.h5"),
         "h5_eval": os.path.join(root, "test.h5"),
@@ -57,24 +77,31 @@ def prepare_mnist1d(cache_dir: str | None = None, shard_size: int = 1000) -> dic
     }
     if os.path.exists(os.path.join(root, "DONE")):
         return paths
-    from mnist1d.data import get_dataset_args, make_dataset
+    os.makedirs(cache, exist_ok=True)
+    with open(os.path.join(cache, ".mnist1d.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        if os.path.exists(os.path.join(root, "DONE")):  # another process wrote it while we waited
+            return paths
+        for stale in glob.glob(os.path.join(cache, ".mnist1d-*")) + ([root] if os.path.lexists(root) else []):
+            print(f"removing {stale}: left incomplete by a killed run", flush=True)
+            _remove(stale)
+        from mnist1d.data import get_dataset_args, make_dataset
 
-    print(f"generating MNIST-1D into {root} (first use only) ...", flush=True)
-    data = make_dataset(get_dataset_args())
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".mnist1d-", dir=os.path.dirname(root))
-    x, y = data["x"].astype(np.float32), data["y"].astype(np.int64)
-    xt, yt = data["x_test"].astype(np.float32), data["y_test"].astype(np.int64)
-    _write_h5(os.path.join(tmp, "train.h5"), x, y)
-    _write_h5(os.path.join(tmp, "test.h5"), xt, yt)
-    for s in range(0, len(x), shard_size):
-        _write_tar(os.path.join(tmp, f"train-{s // shard_size:06d}.tar"), x[s : s + shard_size], y[s : s + shard_size], s)
-    _write_tar(os.path.join(tmp, "test-000000.tar"), xt, yt, 0)
-    open(os.path.join(tmp, "DONE"), "w").close()
-    try:
+        print(f"generating MNIST-1D into {root} (first use only) ...", flush=True)
+        data = make_dataset(get_dataset_args())
+        tmp = tempfile.mkdtemp(prefix=".mnist1d-", dir=cache)
+        x, y = data["x"].astype(np.float32), data["y"].astype(np.int64)
+        xt, yt = data["x_test"].astype(np.float32), data["y_test"].astype(np.int64)
+        _write_h5(os.path.join(tmp, "train.h5"), x, y)
+        _write_h5(os.path.join(tmp, "test.h5"), xt, yt)
+        for s in range(0, len(x), shard_size):
+            _write_tar(os.path.join(tmp, f"train-{s // shard_size:06d}.tar"), x[s : s + shard_size], y[s : s + shard_size], s)
+        _write_tar(os.path.join(tmp, "test-000000.tar"), xt, yt, 0)
+        open(os.path.join(tmp, "DONE"), "w").close()
+        for name in [*os.listdir(tmp), "."]:  # on disk before the rename, so a power cut cannot leave empty files
+            _fsync(os.path.join(tmp, name))
         os.replace(tmp, root)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+        _fsync(cache)
     return paths
 
 

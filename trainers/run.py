@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = train_and_evaluate(config, workdir, fresh=args.fresh, progress=not args.no_progress)
+    except ConfigError as e:  # e.g. resuming a checkpoint with a config that changes its state or data
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (FloatingPointError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,7 @@ from adapters.jax import device_batches, process_part
 from loaders import LoaderState, Sampler
 
 from . import checkpoints, parallel
-from .config import Config, OptimizerConfig, ScheduleConfig
+from .config import Config, ConfigError, OptimizerConfig, ScheduleConfig, resume_changes
 from .data import build_adapter, build_sources, eval_loader, holds_part, to_numpy
 from .losses import build_loss
 from .models import build_model, takes_rng
@@ -143,13 +144,50 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _trim_metrics(path: str, last_step: int) -> None:
-    """Drop metric lines past the checkpoint we resume from (they will be written again)."""
-    if not os.path.exists(path):
+def _trim_metrics(path: str, last_step: int, *, drop_eval_at_last: bool = False) -> None:
+    """Keep the metric rows up to the checkpoint we resume from (later ones will be written again), and
+    the final evaluation's row at that step too unless ``drop_eval_at_last`` (it will be written again).
+
+    A line that is not a JSON row with a step (a write cut short by a kill) is dropped with a warning.
+    """
+    if not os.path.exists(path) or not last_step:
+        _write_atomic(path, "")
         return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    keep: list[str] = []
+    with open(path, errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                row = json.loads(line) if line.strip() else {"step": -1}
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or type(row.get("step")) is not int:
+                print(f"warning: {path} line {n} is not a complete JSON row with a step (a write cut short by a "
+                      f"kill?): dropped it, resuming from the intact rows", file=sys.stderr, flush=True)
+            elif 0 <= row["step"] < last_step or row["step"] == last_step and not (drop_eval_at_last and "lr" not in row):
+                keep.append(line.rstrip("\n") + "\n")
     _write_atomic(path, "".join(keep))
+
+
+def check_resume(mgr: Any, config: Config, workdir: str) -> None:
+    """Refuse to resume the latest checkpoint with a config that changes the train state or the training
+    data and its order (a :class:`ConfigError` listing each change); note the harmless changes on stderr."""
+    latest = mgr.latest_step()
+    if latest is None:
+        return
+    where = os.path.join(workdir, "checkpoints", str(latest))
+    refused, allowed = resume_changes(checkpoints.saved_config(mgr, latest), config.to_dict())
+    if refused:
+        also = f"\n(allowed, also changed: {', '.join(allowed)})" if allowed else ""
+        raise ConfigError(
+            f"cannot resume from {where}: these settings differ from the config it was saved with, and change the "
+            "train state or the training data and its order:\n  " + "\n  ".join(refused) + also +
+            "\nstart over with --fresh (deletes this workdir's checkpoints), or train in a new --workdir"
+        )
+    if allowed:
+        length = any(c.startswith(("train.steps:", "train.epochs:")) for c in allowed) and config.schedule.name != "constant"
+        lr = f"; the {config.schedule.name} learning-rate schedule now spans the new length" if length else ""
+        print(f"resuming from {where} with changed settings that keep the train state and the data order: "
+              f"{', '.join(allowed)}{lr}", file=sys.stderr, flush=True)
 
 
 class _StopRequest:
@@ -317,9 +355,15 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
     t_start = time.time()
     _start_workdir(workdir, fresh)
     cfg, tc = config.data, config.train
+    mgr = checkpoints.manager(workdir, tc.keep_checkpoints)
+    check_resume(mgr, config, workdir)
     devices = parallel.local_devices(tc.devices)
     train_src, eval_src, sampler = build_data(config, devices)
     total = tc.steps if tc.steps is not None else (tc.epochs or 1) * sampler.steps_per_epoch
+    latest = mgr.latest_step()
+    if latest is not None and latest > total:
+        raise ConfigError(f"{os.path.join(workdir, 'checkpoints', str(latest))} is at step {latest}, past this run's "
+                          f"{total} steps (train.steps / train.epochs): ask for at least {latest}, or start over with --fresh")
     inputs = ModelInputs(cfg.input_key, cfg.label_key)
 
     sample = inputs(train_src.read_batch(np.array([sampler.indices(0)[0]])))
@@ -329,14 +373,13 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
     loss_fn = build_loss(config.loss.name, config.loss.kwargs)
     graphdef, state = initial_state(model, tx, config.seed)
 
-    mgr = checkpoints.manager(workdir, tc.keep_checkpoints)
     state, start = restore_latest(mgr, state, train_src, sampler)
     if start:
         print(f"resumed from {os.path.join(workdir, 'checkpoints', str(start))} at step {start}", flush=True)
     resolved = config.to_dict()
     _write_atomic(os.path.join(workdir, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False))
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    _trim_metrics(metrics_path, start)
+    _trim_metrics(metrics_path, start, drop_eval_at_last=start >= total)
 
     p_train = parallel.pmapped(make_train_step(graphdef, tx, loss_fn, takes_rng(model)), devices, donate=(0,))
     p_eval = parallel.pmapped(make_eval_step(graphdef, loss_fn), devices)
