@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -28,13 +30,12 @@ def mnist1d_dir(tmp_path_factory):
 
 
 def cli(capsys, config, workdir, cache, *overrides) -> tuple[int, str, str]:
-    """``python -m trainers.run`` in this process: exit code, stdout, stderr."""
-    from trainers.run import main
-
-    capsys.readouterr()
-    code = main([config, f"data.cache_dir={cache}", *overrides, "--workdir", str(workdir), "--no-progress"])
-    out, err = capsys.readouterr()
-    return code, out, err
+    """``python -m trainers.run`` in a subprocess (JAX threads in this process would make later
+    tests' ``fork`` unsafe): exit code, stdout, stderr."""
+    out = subprocess.run([sys.executable, "-m", "trainers.run", config, f"data.cache_dir={cache}", *overrides,
+                          "--workdir", str(workdir), "--no-progress"], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
+    return out.returncode, out.stdout, out.stderr
 
 
 def rows(workdir) -> list[dict]:
