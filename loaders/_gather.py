@@ -76,7 +76,12 @@ def gather_ints(rows: BatchRows, offsets: np.ndarray, sizes: np.ndarray) -> tupl
 def gather_npy(rows: BatchRows, offsets: np.ndarray, sizes: np.ndarray, lay: NpyLayout) -> tuple[np.ndarray, np.ndarray]:
     """The data of ``.npy`` members laid out as ``lay`` says, as ``[n, *lay.shape]`` in native byte
     order, and which rows hold it: every member's header is compared with ``lay``'s, byte for
-    byte; the other rows (another shape, dtype or order) are left for the caller to decode."""
+    byte; the other rows (another shape, dtype or order) are left for the caller to decode.
+
+    Where ``lay`` spans more than one gather and no row holds it (a layout kept from another
+    batch, or a header claiming more than its member holds), nothing is gathered: the array
+    has no rows, and never n rows of what the header claims.
+    """
     whole = lay.data_offset + lay.nbytes
     if whole <= ONE_GATHER:  # small members: header and data in one gather
         both, ok = gather_bytes(rows, offsets, whole)
@@ -84,7 +89,11 @@ def gather_npy(rows: BatchRows, offsets: np.ndarray, sizes: np.ndarray, lay: Npy
     else:
         heads, ok = gather_bytes(rows, offsets, lay.data_offset)
     same = ok & (sizes == whole) & (heads.view(lay.header_words.dtype) == lay.header_words).all(axis=1)
+    if not lay.dtype.itemsize:  # no bytes to copy (a structured dtype of no fields)
+        return np.zeros((len(offsets), *lay.shape), dtype=lay.native), same
     if whole > ONE_GATHER:
+        if not same.any():
+            return np.empty((0, *lay.shape), dtype=lay.native), same
         out, inside = gather_bytes(rows, np.where(same, offsets + lay.data_offset, -1), lay.nbytes)
         same &= inside
     result = out.view(lay.dtype).reshape((len(offsets), *lay.shape))

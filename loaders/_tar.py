@@ -342,6 +342,8 @@ class TarSource:
             result, same = gather_npy(rows, offsets, sizes, lay)
             if same[0]:
                 break  # else the layout kept for the shard was another record's: parse the first record's
+        if not same[0]:  # the first record's own header does not describe its bytes: decode it to say why
+            return self._per_record(idx, j)
         for r in [] if same.all() else np.flatnonzero(~same):
             arr = self._decode_one(int(idx[r]), j)
             if arr.shape != lay.shape or arr.dtype != lay.native:

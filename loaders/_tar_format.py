@@ -3,11 +3,13 @@ and the per-shard index it yields, cached on disk."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
 import os
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -28,28 +30,51 @@ def default_index_dir() -> str:
 
 # --------------------------------------------------------------------------- tar headers
 def _octal(field: bytes, path: str, where: int, what: str) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for large values
-        value = int.from_bytes(field[1:], "big")
-        return -value if field[0] & 0x40 else value
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for large values: two's complement, sign in bit 0x40
+        bits = 8 * len(field) - 1
+        value = int.from_bytes(field, "big") & ((1 << bits) - 1)
+        return value - (1 << bits) if field[0] & 0x40 else value
     text = field.split(b"\0", 1)[0].strip(b" \0")
-    try:
+    if not text.strip(b"01234567"):  # octal digits only: int() would also take a sign, "0o" or "_"
         return int(text, 8) if text else 0
-    except ValueError:
-        raise DataError(f"{path}: bad tar header at byte {where}: {what} field {field!r} is not octal") from None
+    raise DataError(f"{path}: bad tar header at byte {where}: {what} field {field!r} is not octal")
+
+
+def _size(value: int, path: str, where: int) -> int:
+    """``value`` if it is a valid size (>= 0): a negative one would walk the scan backwards."""
+    if value < 0:
+        raise DataError(f"{path}: bad tar header at byte {where}: size {value} is negative (expected a size >= 0)")
+    return value
 
 
 def _pax(data: bytes, path: str, where: int) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise DataError(f"{path}: malformed PAX header at byte {where}") from None
-        record = data[space + 1 : pos + length - 1]
-        key, _, value = record.partition(b"=")
+    """The records ``"<length> <key>=<value>\\n"`` of a PAX extended header (at byte ``where``).
+
+    Every length must cover its digits, space and newline and stay within ``data``; a ``size``
+    must be decimal digits. Trailing NULs (padding some writers add) end the payload.
+    """
+    out, pos, end = {}, 0, len(data)
+    while pos < end:
+        if data[pos] == 0 and not data[pos:].strip(b"\0"):
+            break
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space] if space > pos else b""
+        length = int(digits) if digits.isdigit() else -1
+        stop = pos + length
+        if length <= len(digits) + 1 or stop > end or data[stop - 1] != 10 or data.find(b"=", space, stop) < 0:
+            raise DataError(
+                f"{path}: bad tar header at byte {where}: malformed PAX record {data[pos : pos + 24]!r} at byte "
+                f"{where + _BLOCK + pos}: expected '<length> <key>=<value>\\n', its length counting the whole record "
+                f"(more than its digits and space), within the {end}-byte extended header"
+            )
+        key, _, value = data[space + 1 : stop - 1].partition(b"=")
+        if key == b"size" and not (value.isdigit() and len(value) <= 20):
+            raise DataError(
+                f"{path}: bad tar header at byte {where}: PAX size {value[:40].decode('utf-8', 'replace')!r} "
+                "is not a size (expected decimal digits)"
+            )
         out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
-        pos += length
+        pos = stop
     return out
 
 
@@ -90,11 +115,14 @@ def scan_tar(path: str) -> dict[str, Any]:
             hdr = mm[pos : pos + _BLOCK]
             if hdr == _ZERO:
                 break
-            chk = _octal(hdr[148:156], path, pos, "checksum")
-            if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):
-                raise DataError(f"{path}: not a tar file or corrupt header at byte {pos} (checksum mismatch)")
+            chk, total = _octal(hdr[148:156], path, pos, "checksum"), sum(hdr[:148]) + 256 + sum(hdr[156:])
+            if chk != total:
+                raise DataError(
+                    f"{path}: not a tar file or corrupt header at byte {pos} "
+                    f"(checksum mismatch: the header says {chk}, its bytes sum to {total})"
+                )
             kind = hdr[156:157]
-            msize = _octal(hdr[124:136], path, pos, "size")
+            msize = _size(_octal(hdr[124:136], path, pos, "size"), path, pos)
             name = hdr[0:100].split(b"\0", 1)[0]
             if hdr[257:263] == b"ustar\x00" and hdr[345:500].strip(b"\0"):
                 name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
@@ -165,39 +193,62 @@ def _index_file(path: str, index_dir: str) -> str:
 def load_index(path: str, index_dir: str | None = None, *, rebuild: bool = False) -> tuple[dict[str, Any], str]:
     """The index of one shard and how it was obtained: ``"cached"``, ``"built"`` or ``"rebuilt"``.
 
-    A cached index is used only when the shard's size and mtime match those recorded;
-    otherwise (or when unreadable) it is rebuilt and written back atomically.
+    A cached index is used only when the shard's size and mtime match those recorded and its
+    arrays are consistent; otherwise (stale, truncated, garbage) it is rebuilt and written back
+    atomically.
     """
     index_dir = index_dir or default_index_dir()
     st = os.stat(path)
     file = _index_file(path, index_dir)
     how = "rebuilt" if os.path.exists(file) else "built"
-    if how == "rebuilt" and not rebuild:
-        try:
-            with np.load(file, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                if meta == {"version": INDEX_VERSION, "path": os.path.realpath(path),
-                            "size": st.st_size, "mtime_ns": st.st_mtime_ns}:
-                    return {
-                        "keys": z["keys"].tolist(),
-                        "fields": z["fields"].tolist(),
-                        "offsets": z["offsets"],
-                        "sizes": z["sizes"],
-                    }, "cached"
-        except (OSError, ValueError, KeyError):
-            pass
-    index = scan_tar(path)
     meta = {"version": INDEX_VERSION, "path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    os.makedirs(index_dir, exist_ok=True)
+    if how == "rebuilt" and not rebuild:
+        cached = _read_index(file, meta)
+        if cached is not None:
+            return cached, "cached"
+    index = scan_tar(path)
     tmp = f"{file}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(
-            f,
-            meta=np.array(json.dumps(meta)),
-            keys=np.array(index["keys"], dtype=str),
-            fields=np.array(index["fields"], dtype=str),
-            offsets=index["offsets"],
-            sizes=index["sizes"],
-        )
-    os.replace(tmp, file)
+    try:
+        os.makedirs(index_dir, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                meta=np.array(json.dumps(meta)),
+                keys=np.array(index["keys"], dtype=str),
+                fields=np.array(index["fields"], dtype=str),
+                offsets=index["offsets"],
+                sizes=index["sizes"],
+            )
+        os.replace(tmp, file)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
+        # The cache only saves time: a full disk or a read-only cache folder must not stop reading.
+        warnings.warn(f"{path}: its index could not be cached in {index_dir} ({e}); "
+                      "it is used from memory and will be built again next time (set TANDEM_CACHE_DIR "
+                      "to a writable folder)", RuntimeWarning, stacklevel=2)
     return index, how
+
+
+def _read_index(file: str, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The index cached in ``file`` if it is readable, describes the shard of ``meta`` and its
+    arrays agree (shapes, dtypes, members within the shard); else None: it is to be rebuilt."""
+    try:  # our own open: np.load leaks the file it opened when the zip in it is unreadable
+        with open(file, "rb") as f, np.load(f, allow_pickle=False) as z:
+            if json.loads(str(z["meta"][()])) != meta:
+                return None
+            keys, fields, offsets, sizes = z["keys"], z["fields"], z["offsets"], z["sizes"]
+    except Exception:  # a torn or foreign file: np.load, zipfile, zlib and json raise many kinds
+        return None
+    if keys.ndim != 1 or fields.ndim != 1 or keys.dtype.kind != "U" or fields.dtype.kind != "U":
+        return None
+    shape = (len(keys), len(fields))
+    if (
+        offsets.shape != shape or sizes.shape != shape or offsets.dtype != np.int64 or sizes.dtype != np.int64
+        or not np.array_equal(offsets < 0, sizes < 0) or (offsets < -1).any() or (sizes < -1).any()
+        or (offsets > meta["size"] - sizes).any()  # written so that no sum can overflow
+    ):
+        return None
+    return {"keys": keys.tolist(), "fields": fields.tolist(), "offsets": offsets, "sizes": sizes}

@@ -95,7 +95,8 @@ def _shmem_kib() -> int:
 
 
 def _dev_shm() -> set[str]:
-    return set(os.listdir("/dev/shm"))
+    """Named segments Tandem or Python's SharedMemory would make (other programs' are not ours)."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith(("tandem_", "psm_"))}
 
 
 def _freed(before_kib: int, timeout: float = 20.0) -> bool:
