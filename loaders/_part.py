@@ -36,13 +36,25 @@ class ProcessPart:
             raise ValueError(f"ProcessPart.index must be in [0, {self.count}), got {self.index!r}")
 
     def records(self, num_records: int) -> np.ndarray:
-        """The sorted record indices this process owns (all records in ``global`` mode)."""
+        """The sorted record indices this process owns (all records in ``global`` mode).
+
+        O(records) memory: for a caller that really needs the list (a cached source loading
+        its part). The sampler uses :meth:`layout` instead.
+        """
+        first, stride = self.layout(num_records)
+        return np.arange(first, first + stride * self.size(num_records), stride, dtype=np.int64)
+
+    def layout(self, num_records: int) -> tuple[int, int]:
+        """``(first, stride)``: the ``p``-th record this process owns is ``first + p * stride``.
+
+        ``(0, 1)`` in ``global`` mode (and for one process), ``(start, 1)`` for a
+        ``contiguous`` part, ``(index, count)`` for an ``interleave`` part.
+        """
         if self.mode == "global" or self.count == 1:
-            return np.arange(num_records, dtype=np.int64)
+            return 0, 1
         if self.mode == "interleave":
-            return np.arange(self.index, num_records, self.count, dtype=np.int64)
-        start, stop = self.bounds(num_records)
-        return np.arange(start, stop, dtype=np.int64)
+            return self.index, self.count
+        return self.bounds(num_records)[0], 1
 
     def bounds(self, num_records: int) -> tuple[int, int]:
         """``[start, stop)`` of this process's part in ``contiguous`` mode."""

@@ -97,10 +97,12 @@ class LoaderState:
         """
         mine = fingerprint(source, sampler)
         if mine != self.fingerprint:
+            now_source, now_sampler = describe_source(source), sampler.describe()
             raise StateMismatchError(
-                "this loader state was saved for other data or another order; refusing to resume.\n"
+                f"this loader state was saved for {_difference(self.source, self.sampler, now_source, now_sampler)}; "
+                "refusing to resume.\n"
                 f"  saved:   {self.fingerprint}\n    source:  {self.source}\n    sampler: {self.sampler}\n"
-                f"  current: {mine}\n    source:  {describe_source(source)}\n    sampler: {sampler.describe()}"
+                f"  current: {mine}\n    source:  {now_source}\n    sampler: {now_sampler}"
             )
         total = getattr(sampler, "total_steps", None)
         if total is not None and self.step > total:
@@ -109,3 +111,15 @@ class LoaderState:
                 f"{sampler.num_epochs} epoch(s) of {sampler.steps_per_epoch})"
             )
         return self.step
+
+
+def _difference(saved_source: str, saved_sampler: str, source: str, sampler: str) -> str:
+    """What differs between a saved state's descriptions and the current ones, in words."""
+    parts = []
+    if saved_source != source:
+        old = " (it was saved by an older Tandem, whose fingerprints did not cover the data's content)"
+        parts.append("other data" + (old if "content=" in source and "content=" not in saved_source else ""))
+    if saved_sampler != sampler:
+        old = " (it was saved by an older Tandem, whose shuffle order was different)"
+        parts.append("another order" + (old if "order=" in sampler and "order=" not in saved_sampler else ""))
+    return " and ".join(parts) or "other data or another order"
