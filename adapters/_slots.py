@@ -13,9 +13,9 @@ notices its parent died); the main process drops its maps of a stream's segments
 when the stream ends (so exited workers' memory is not pinned across epochs) and
 unlinks every segment of its loader (one name prefix per loader) when the loader
 goes away. When every process is killed at once (a process group killed by
-``SIGKILL``, an out-of-memory kill), none of that runs: each name therefore carries
-the owner's pid and start time, and every new loader first removes the segments
-whose owner is no longer running (:func:`sweep`).
+``SIGKILL``, an out-of-memory kill), none of that runs: each worker therefore holds
+a ``flock`` on its segments, which the kernel drops when it dies, and every new
+loader first removes the segments nobody holds (:func:`sweep`).
 
 A slot is reused only ``slots`` batches later. Each slot starts with a sequence
 number that the worker sets to -1 while writing; the reader checks it before and
@@ -42,6 +42,8 @@ through the kernel.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import platform
 import uuid
@@ -100,48 +102,54 @@ class SlotRef(NamedTuple):
 
 
 _CREATED: set[str] = set()  # this process's segments, for unlink_created()
-
-
-def _started(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot), or None if it is not running."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return None
+_LOCKS: dict[str, int] = {}  # segment -> the descriptor holding its flock
 
 
 def new_token() -> str:
-    """A prefix for one loader's segments, so its owner can find and remove them all:
-    ``<owner pid>x<owner start time>x<random>``."""
-    return f"{os.getpid()}x{_started(os.getpid()) or 0}x{uuid.uuid4().hex[:8]}"
+    """A prefix for one loader's segments, so its owner can find and remove them all."""
+    return f"{os.getpid()}x{uuid.uuid4().hex[:12]}"
 
 
 def sweep() -> list[str]:
-    """Remove the slot segments whose owner is no longer running (killed before it could
-    clean up); returns their names. A segment of a live owner is never touched."""
+    """Remove the slot segments no running process holds (left by processes killed before
+    they could clean up); returns their names.
+
+    Each worker holds a shared ``flock`` on every segment it made, taken before the
+    segment gets its name (see :func:`_create`) and dropped by the kernel when the
+    process ends, however it ends: a segment whose exclusive lock can be taken is
+    orphaned. Locks belong to the file, not to a pid, so this holds across containers
+    and PID namespaces sharing ``/dev/shm``. Other users' segments are left alone.
+    """
+    if not os.path.isdir("/dev/shm"):
+        return []
     removed = []
     for name in os.listdir("/dev/shm"):
         if not name.startswith("tandem_slot_"):
             continue
-        parts = name.split("_")  # tandem, slot, token, worker pid, random
-        owner = parts[2].split("x") if len(parts) == 5 else []
-        if len(owner) == 3 and owner[0].isdigit():
-            alive = _started(int(owner[0])) == owner[1]
-        else:  # a name from before owners were recorded: its worker's pid decides
-            alive = len(parts) == 5 and parts[3].isdigit() and _started(int(parts[3])) is not None
-        if not alive:
-            _unlink(name)
+        try:
+            fd = os.open(f"/dev/shm/{name}", os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(f"/dev/shm/{name}")
             removed.append(name)
+        except OSError:  # held by a live worker, or not ours to remove
+            continue
+        finally:
+            os.close(fd)
     return removed
 
 
 def _unlink(name: str) -> None:
     _CREATED.discard(name)
+    lock = _LOCKS.pop(name, None)
     try:
         os.unlink(f"/dev/shm/{name}")
     except FileNotFoundError:
         pass
+    if lock is not None:
+        os.close(lock)
 
 
 def unlink_created() -> None:
@@ -152,18 +160,25 @@ def unlink_created() -> None:
 
 def unlink_token(token: str) -> None:
     """Remove every segment of one loader, whichever worker made it."""
-    for name in os.listdir("/dev/shm"):
+    for name in os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []:
         if name.startswith(f"tandem_slot_{token}_"):
             _unlink(name)
 
 
 def _create(token: str, size: int) -> str:
     name = f"tandem_slot_{token}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    fresh = f"/dev/shm/tandem_new_{name[len('tandem_slot_'):]}"  # named only once locked: sweep() never sees it unlocked
+    fd = os.open(fresh, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # held while this process lives
         os.ftruncate(fd, size)
-    finally:
+        os.rename(fresh, f"/dev/shm/{name}")
+    except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(fresh)
+        raise
+    _LOCKS[name] = fd
     _CREATED.add(name)
     util.Finalize(None, _unlink, args=(name,), exitpriority=10)  # runs when the worker process exits
     return name

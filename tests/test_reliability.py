@@ -255,3 +255,55 @@ def test_other_data_under_the_same_names_is_refused_and_moved_data_resumes(tmp_p
     saved = Loader(H5CachedSource(h5a, share=False), Sampler(len(x), 32, seed=1)).state_dict()
     with pytest.raises(StateMismatchError):
         Loader(H5CachedSource(h5b, share=False), Sampler(len(x), 32, seed=1)).load_state_dict(saved)
+
+
+HOLD = """
+    import sys, time
+    from adapters import _slots
+    print(_slots._create(sys.argv[1], 4096), flush=True)
+    time.sleep(60)
+"""
+
+
+def test_sweep_removes_only_segments_no_live_process_holds():
+    """Liveness comes from the worker's lock on the file, never from a pid (pids mean nothing
+    across containers sharing /dev/shm): a held segment stays whatever its name says."""
+    from adapters._slots import new_token, sweep
+
+    orphan = f"tandem_slot_{new_token()}_1_deadbeef"  # pid 1 is alive: a pid test would keep it
+    with open(f"/dev/shm/{orphan}", "wb") as f:
+        f.write(b"\0" * 64)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLD), "999999x0"], stdout=subprocess.PIPE,
+                              text=True, env=ENV)  # a token naming a pid that does not exist here
+    try:
+        held = holder.stdout.readline().strip()
+        assert held.startswith("tandem_slot_999999x0_")
+        removed = sweep()
+        assert orphan in removed and held not in removed
+        assert os.path.exists(f"/dev/shm/{held}") and not os.path.exists(f"/dev/shm/{orphan}")
+    finally:
+        holder.kill()
+        holder.communicate(timeout=30)
+    assert held in sweep()  # its holder is gone now
+
+
+def test_loaders_work_without_dev_shm(monkeypatch, records, tmp_path):
+    """Where /dev/shm does not exist (macOS), building and closing a loader must not touch it."""
+    from adapters import _slots
+    from adapters.torch import TorchLoader
+
+    x, y = records
+    src = TarSource(write_wds(tmp_path / "wds", x, y))
+    isdir, listdir = os.path.isdir, os.listdir
+
+    def no_dev_shm(p="."):
+        if str(p).startswith("/dev/shm"):
+            raise FileNotFoundError(p)
+        return listdir(p)
+
+    monkeypatch.setattr(os.path, "isdir", lambda p: False if str(p).startswith("/dev/shm") else isdir(p))
+    monkeypatch.setattr(os, "listdir", no_dev_shm)
+    loader = TorchLoader(src, Sampler(len(src), 10, seed=0), num_workers=0)
+    assert len(next(iter(loader))["cls"]) == 10
+    loader._reader.close()
+    assert _slots.sweep() == []
