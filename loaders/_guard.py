@@ -12,8 +12,11 @@ registration installs a C-level ``SIGBUS`` handler (a ctypes callback). It names
 watched files whose size changed since they were mapped, dumps the Python stack,
 then restores the default action and returns: the read faults again and the process
 dies of ``SIGBUS`` as before (exit status 135 in a shell, ``-7`` from ``subprocess``),
-now with a message saying why. An alarm bounds the handler, so it can never hang.
-Linux and macOS only; elsewhere nothing is installed.
+now with a message saying why. A handler installed before (faulthandler's, a
+framework's) is restored and receives the signal next, so its report still comes.
+The callback needs the GIL: a read that faulted with the GIL released waits for the
+thread holding it (as any Python signal handling does); once running, an alarm
+bounds the handler. Linux and macOS only; elsewhere nothing is installed.
 
 Sources also compare sizes where it is cheap (when they map a file, and when a
 process first opens one), so a file that changed *before* it is read gets a
@@ -23,7 +26,6 @@ process first opens one), so a file that changed *before* it is read gets a
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import faulthandler
 import hashlib
 import os
@@ -35,13 +37,23 @@ _WATCHED: dict[str, int] = {}  # path -> size when mapped, in this process
 _LOCK = threading.Lock()
 _INSTALLED_PID: int | None = None
 _HANDLER = None  # the ctypes callback: must stay alive while installed
+_PREVIOUS: int | None = None  # the handler ours replaced (None: the default action)
 _ALARM_S = 10
+
+
+def _after_fork() -> None:
+    global _LOCK
+    _LOCK = threading.Lock()  # another thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def watch(path: str, size: int) -> None:
     """Register ``path`` (``size`` bytes when mapped) with this process's bus-error report."""
     with _LOCK:
-        _WATCHED[path] = int(size)
+        _WATCHED[os.path.abspath(path)] = int(size)
         if _INSTALLED_PID != os.getpid():
             _install()
 
@@ -77,21 +89,28 @@ def _report(signum: int) -> None:
                     "(or rebuild the dataset) and start the run again: it resumes from its last checkpoint.\n")
         else:
             text = (f"tandem: bus error (SIGBUS) in process {os.getpid()}; none of the {len(_WATCHED)} mapped "
-                    "data files changed size (a full /dev/shm or a failing disk can also cause it).\n")
+                    "data files changed size (a full /dev/shm, a failing disk or a signal sent by another process "
+                    "can also cause it).\n")
         os.write(2, text.encode("utf-8", "replace"))
-        faulthandler.dump_traceback(all_threads=False)
+        if _PREVIOUS is None:  # a handler before ours (e.g. faulthandler) prints its own stack
+            faulthandler.dump_traceback(file=2, all_threads=False)
     finally:
         if _LIBC is not None:
-            _LIBC.signal(signal.SIGBUS, signal.SIG_DFL)  # the faulting read runs again and ends the process
+            # Hand the signal on: to the previous handler, else the default action, which ends the
+            # process. Raised again here, so a SIGBUS sent by kill(1) ends it too; a faulting read
+            # would fault again anyway.
+            _LIBC.signal(signal.SIGBUS, _PREVIOUS or 0)
+            getattr(_LIBC, "raise")(signal.SIGBUS)
 
 
 def _libc():
     if not (sys.platform.startswith("linux") or sys.platform == "darwin"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
     except OSError:
         return None
+    getattr(libc, "raise").argtypes = [ctypes.c_int]
     libc.signal.restype = ctypes.c_void_p
     libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
     libc.alarm.restype = ctypes.c_uint
@@ -107,9 +126,13 @@ def _install() -> None:
     _INSTALLED_PID = os.getpid()
     if _LIBC is None or not hasattr(signal, "SIGBUS"):
         return
+    global _PREVIOUS
     if _HANDLER is None:
         _HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int)(_report)
-    _LIBC.signal(signal.SIGBUS, ctypes.cast(_HANDLER, ctypes.c_void_p))
+    ours = ctypes.cast(_HANDLER, ctypes.c_void_p).value
+    previous = _LIBC.signal(signal.SIGBUS, ours)
+    if previous != ours:  # a forked child inherits ours: keep what it replaced in the parent
+        _PREVIOUS = previous if previous not in (None, signal.SIG_IGN) else None
 
 
 # --------------------------------------------------------------------------- content digest

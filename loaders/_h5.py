@@ -94,7 +94,7 @@ def _keys_of(f, path: str, keys: str | Sequence[str] | None) -> tuple[list[str],
         obj = f.get(k) if k in f else None
         if obj is None:
             if f.get(k, getlink=True) is not None:
-                raise DataError(f"{path}: {k!r} is a {_broken_link(f, k)}")
+                raise DataError(f"{path}: {k!r} leads to no dataset: {_broken_link(f, k)}")
             have = _dataset_names(f)
             raise DataError(f"{path}: no dataset {k!r}; the file has: {', '.join(have) or '(none)'}")
         if isinstance(obj, h5py.Group):
@@ -133,11 +133,14 @@ def _check_virtual(ds, path: str, name: str) -> None:
                     f"{path}: virtual dataset {name!r} maps dataset {src.dset_name!r} of this file, which does not exist"
                 )
             continue
-        places = [src.file_name] if os.path.isabs(src.file_name) else [
-            *([os.path.join(prefix, src.file_name)] if prefix else []),
-            os.path.join(here, src.file_name),
-            os.path.abspath(src.file_name),
-        ]
+        if "%" in src.file_name:  # a printf-style pattern of many files: HDF5 resolves it per block
+            continue
+        # HDF5's search: the name as given if absolute, then (the base name of an absolute one)
+        # under each HDF5_VDS_PREFIX entry, next to this file, and in the working directory.
+        name_ = os.path.basename(src.file_name) if os.path.isabs(src.file_name) else src.file_name
+        prefixes = [p.replace("${ORIGIN}", here) for p in (prefix or "").split(":") if p]
+        places = [*([src.file_name] if os.path.isabs(src.file_name) else []),
+                  *(os.path.join(p, name_) for p in prefixes), os.path.join(here, name_), os.path.abspath(name_)]
         found = next((p for p in places if os.path.exists(p)), None)
         if found is None:
             raise DataError(
@@ -434,10 +437,11 @@ class H5CachedSource:
     """This rank's part of an HDF5 file, loaded into memory once and shared.
 
     Loads only the records ``part`` owns (``contiguous`` or ``interleave``; with one
-    process, everything) into one POSIX shared-memory segment. Worker processes map
-    the same pages read-only: no copy per worker, forked or spawned. The segment is
-    removed when the owning process exits, normally, by an exception, or killed (then
-    Python's resource tracker removes it).
+    process, everything) into one shared-memory segment. Worker processes map the same
+    pages read-only: no copy per worker, forked or spawned. On Linux the segment is an
+    anonymous memfd, freed by the kernel when the last process using it ends, however
+    it ends; elsewhere a named segment removed when the owner exits, raises or is
+    killed (then by Python's resource tracker). See :mod:`loaders.shm`.
 
     Indices stay *global* record numbers, so the same :class:`Sampler` (built with the
     same ``part``) drives it; asking for a record outside this rank's part is an error.

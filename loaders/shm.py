@@ -75,19 +75,22 @@ class SharedArrays:
             offset += -(-nbytes // _ALIGN) * _ALIGN
         self.nbytes = offset
         self.name: str | None = None
-        self._memfd: tuple[int, int, int] | None = None  # (owner pid, descriptor, inode)
+        # Where the memfd lives: (owner pid, descriptor, inode), in the owner and in every copy
+        # attached to it (a copy may be pickled on again, e.g. by a worker that spawns its own).
+        self._memfd: tuple[int, int, int] | None = None
+        self._owner = False
+        self._closed = False
         self._shm = None
         self._map: Any = None
         size = max(offset, 1)
-        if share and hasattr(os, "memfd_create"):
-            fd = os.memfd_create("tandem_cache", os.MFD_CLOEXEC)
+        fd = _memfd(size) if share else None
+        if fd is not None:
             try:
-                os.ftruncate(fd, size)
                 buf = self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             except BaseException:
                 os.close(fd)
                 raise
-            self._memfd = (os.getpid(), fd, os.fstat(fd).st_ino)
+            self._memfd, self._owner = (os.getpid(), fd, os.fstat(fd).st_ino), True
             self.name = f"memfd:tandem_cache (pid {os.getpid()}, fd {fd})"
             self._finalizer = weakref.finalize(self, _close_fd, fd)
         elif share:
@@ -117,12 +120,15 @@ class SharedArrays:
     def close(self) -> None:
         """Release the segment (the memory is freed once no process maps it) and drop this process's views."""
         self.arrays = {}
-        if self._shm is not None or self._memfd is not None:
+        if self._shm is not None or self._owner:
             self._finalizer()
-            self._shm = self._memfd = None
+            self._shm, self._owner = None, False
         self._map = None
+        self._closed = True
 
     def __getstate__(self) -> dict[str, Any]:
+        if self._closed:
+            raise DataError(f"shared arrays {self.name or ''} were closed: they cannot be sent to another process")
         state = {"layout": self.layout, "nbytes": self.nbytes, "name": self.name, "memfd": self._memfd}
         if self.name is None:
             state["arrays"] = self.arrays
@@ -130,7 +136,7 @@ class SharedArrays:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.layout, self.nbytes, self.name = state["layout"], state["nbytes"], state["name"]
-        self._shm = self._memfd = None
+        self._shm, self._memfd, self._owner, self._closed = None, state.get("memfd"), False, False
         size = max(self.nbytes, 1)
         if self.name is None:
             self.arrays = state["arrays"]
@@ -140,6 +146,22 @@ class SharedArrays:
         else:
             self._map = map_segment(self.name, size, writable=False)
         self.arrays = self._views(self._map)
+
+
+def _memfd(size: int) -> int | None:
+    """A memfd of ``size`` bytes, or None where the system has none (then a named segment is used)."""
+    if not hasattr(os, "memfd_create"):
+        return None
+    try:
+        fd = os.memfd_create("tandem_cache", os.MFD_CLOEXEC)
+    except OSError:  # e.g. refused by a seccomp profile or a sandboxed kernel
+        return None
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _close_fd(fd: int) -> None:

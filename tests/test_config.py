@@ -135,6 +135,8 @@ def test_a_registered_source_is_a_valid_data_source():
         ("schedule.cycle_mult=0.5", r"schedule\.cycle_mult must be at least 1, got 0\.5"),
         ("schedule.peak_decay=0", r"schedule\.peak_decay must be greater than 0 and at most 1, got 0\.0"),
         ("optimizer.clip_norm=0", r"optimizer\.clip_norm must be greater than 0, got 0\.0"),
+        ("train.steps=" + "9" * 400, r"train\.steps must be at most 9223372036854775807 .*, got 9+\.\.\. \(400 digits\)"),
+        ("optimizer.clip_norm=" + "9" * 400, r"optimizer\.clip_norm: 9+ is too large for a float"),
     ],
 )
 def test_numeric_settings_out_of_range_are_refused(override, message):

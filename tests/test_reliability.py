@@ -209,6 +209,20 @@ def test_virtual_dataset_with_a_missing_source_file_is_refused(tmp_path):
         H5CachedSource(vds_path, share=False)
 
 
+def test_virtual_dataset_with_an_absolute_source_path_moved_along_is_read(tmp_path):
+    """HDF5 falls back to the source's base name next to the virtual file: so must the check."""
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    first.mkdir()
+    with h5py.File(first / "part0.h5", "w") as f:
+        f["x"] = np.arange(10.0)
+    layout = h5py.VirtualLayout(shape=(10,), dtype="f8")
+    layout[:] = h5py.VirtualSource(str(first / "part0.h5"), "x", shape=(10,))
+    with h5py.File(first / "virtual.h5", "w") as f:
+        f.create_virtual_dataset("x", layout, fillvalue=-1)
+    first.rename(moved)
+    np.testing.assert_array_equal(H5Source(moved / "virtual.h5").read_batch([0, 9])["x"], [0.0, 9.0])
+
+
 def test_links_to_nothing_are_named(tmp_path):
     path = tmp_path / "links.h5"
     with h5py.File(path, "w") as f:
@@ -219,9 +233,9 @@ def test_links_to_nothing_are_named(tmp_path):
     assert src.keys == ["x"]
     assert src.skipped == {"elsewhere": "external link to '/x' in 'nofile.h5', which cannot be opened",
                            "gone": "dangling soft link to '/missing'"}
-    with pytest.raises(DataError, match=r"links\.h5: 'gone' is a dangling soft link to '/missing'$"):
+    with pytest.raises(DataError, match=r"links\.h5: 'gone' leads to no dataset: dangling soft link to '/missing'$"):
         H5Source(path, keys=["x", "gone"])
-    with pytest.raises(DataError, match=r"'elsewhere' is a external link to '/x' in 'nofile\.h5'"):
+    with pytest.raises(DataError, match=r"'elsewhere' leads to no dataset: external link to '/x' in 'nofile\.h5'"):
         H5Source(path, keys=["elsewhere"])
 
 
@@ -307,3 +321,21 @@ def test_loaders_work_without_dev_shm(monkeypatch, records, tmp_path):
     assert len(next(iter(loader))["cls"]) == 10
     loader._reader.close()
     assert _slots.sweep() == []
+
+
+def test_an_attached_cache_can_be_sent_on_and_a_closed_one_says_so():
+    import copy
+    import pickle
+
+    from loaders.shm import SharedArrays
+
+    owner = SharedArrays({"x": ((4,), np.float32)})
+    owner.arrays["x"][:] = [1, 2, 3, 4]
+    attached = pickle.loads(pickle.dumps(owner))
+    again = copy.deepcopy(pickle.loads(pickle.dumps(attached)))  # a worker handing it to its own workers
+    np.testing.assert_array_equal(again.arrays["x"], [1, 2, 3, 4])
+    attached.close()  # an attached copy's close leaves the owner's memory alone
+    np.testing.assert_array_equal(owner.arrays["x"], [1, 2, 3, 4])
+    owner.close()
+    with pytest.raises(DataError, match=r"^shared arrays memfd:tandem_cache .* were closed: they cannot be sent"):
+        pickle.dumps(owner)

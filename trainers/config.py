@@ -135,7 +135,8 @@ class Range:
 
     def __contains__(self, value: float) -> bool:
         above = value > self.low if self.low_open else value >= self.low
-        return math.isfinite(value) and above and (self.high is None or value <= self.high)
+        finite = isinstance(value, int) or math.isfinite(value)  # an int of any size is finite (isfinite overflows)
+        return finite and above and (self.high is None or value <= self.high)
 
     def __str__(self) -> str:
         low = f"greater than {self.low}" if self.low_open else f"at least {self.low}"
@@ -144,6 +145,7 @@ class Range:
         return f"greater than {self.low} and at most {self.high}" if self.low_open else f"between {self.low} and {self.high}"
 
 
+INT_MAX = 2**63 - 1  # no integer setting may exceed a 64-bit integer (libraries convert them to C ints or floats)
 # The allowed values of every numeric setting ("" is the top level); None stays allowed where the type allows it.
 RANGES = {
     ("", "seed"): Range(0, 2**63 - 1),
@@ -206,7 +208,10 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: {value} is too large for a float") from None
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
         try:
             return float(value)
@@ -246,8 +251,12 @@ def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
             if choices and kwargs[key] not in choices and not by_path:
                 raise ConfigError(f"{where}{key} must be one of {choices}, got {kwargs[key]!r}")
             rule = RANGES.get((where.rstrip("."), key))
-            if rule is not None and kwargs[key] is not None and kwargs[key] not in rule:
-                raise ConfigError(f"{where}{key} must be {rule}, got {kwargs[key]!r}")
+            value = kwargs[key]
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_MAX:
+                shown = f"{str(value)[:12]}... ({len(str(value))} digits)"
+                raise ConfigError(f"{where}{key} must be at most {INT_MAX} (a 64-bit integer), got {shown}")
+            if rule is not None and value is not None and value not in rule:
+                raise ConfigError(f"{where}{key} must be {rule}, got {value!r}")
     return cls(**kwargs)
 
 
