@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
+import tarfile
 
 import numpy as np
 import pytest
@@ -29,6 +31,16 @@ def make_records(n: int = N_RECORDS, seed: int = 0):
 @pytest.fixture(scope="session")
 def records():
     return make_records()
+
+
+def write_tar(path, members) -> str:
+    """A plain ustar archive of ``(name, bytes)`` members, written by Python's tarfile."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
 
 
 def write_wds(folder, x, y, *, maxcount=64, mtime=None, extra=None):

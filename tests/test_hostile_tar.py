@@ -31,6 +31,8 @@ from loaders import DataError, TarSource
 from loaders._decode import decode
 from loaders._tar_format import load_index, scan_tar
 
+from .conftest import write_tar as tar_of
+
 pytestmark = pytest.mark.timeout(60)  # a backstop: the CPU alarm below fails a hang long before
 # No "explain" phase: with st.data() it reports some failures as FlakyStrategyDefinition, hiding the error.
 FUZZ = settings(deadline=None, database=None, phases=[Phase.explicit, Phase.generate, Phase.shrink],
@@ -320,13 +322,6 @@ def npy_with_header(header: dict, data: bytes = b"") -> bytes:
     return buf.getvalue() + data
 
 
-def tar_of(path: Path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ import yaml
 from loaders import DataError, H5CachedSource, H5Source, ProcessPart, TarSource, expand_shards
 from loaders._tar_format import load_index
 
-from .conftest import make_records, write_wds
+from .conftest import make_records, write_tar, write_wds
 
 
 def webdataset_reads(shards):
@@ -109,13 +109,7 @@ def test_txt_json_and_raw_fields(tmp_path):
 
 
 # --------------------------------------------------------------------------- bad tar input
-def _tar_with(path, members):
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return str(path)
+_tar_with = write_tar
 
 
 def _npy(arr):
