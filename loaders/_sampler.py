@@ -60,6 +60,8 @@ _BULK = 65536  # positions per vectorized pass when evaluating many (keeps tempo
 _FEW = 8  # cycle walking: this many values or fewer are walked with Python ints
 _RUNS = 16  # block mode: up to this many windows in one evaluation are shuffled one by one
 _LAYOUTS = 64  # block mode: windows whose layout an epoch's plan keeps
+_AHEAD = 16  # block mode: windows laid out together (those asked for and the next ones)
+_TABLE = 1 << 16  # block mode: a window of at most this many records is evaluated whole (512 KiB), two kept
 _MAX_TABLE = 2**24  # irregular blocks cut from a block size: at most this many listed
 _MAX_RECORDS = 2**62  # so that every intermediate value fits in uint64
 
@@ -443,7 +445,8 @@ class Sampler:
         keys = _keys(self.seed, _STREAM_BLOCKS, epoch, self._rank_word, count=2 * _MAX_ROUNDS)
         a, b = _split(count)
         block_keys = keys[: _rounds(a * b)]
-        plan = {"keys": block_keys, "window_keys": keys[_MAX_ROUNDS:], "n": _U(count), "a": _U(a), "b": _U(b), "layouts": {}}
+        plan = {"keys": block_keys, "window_keys": keys[_MAX_ROUNDS:], "n": _U(count), "a": _U(a), "b": _U(b), "layouts": {},
+                "tables": {}}
         if isinstance(blocks, _UniformBlocks):
             # Every window holds `window` blocks of `size` records, but the ones holding the first
             # and the last block, each short by that block's deficit: past the end of such a
@@ -539,6 +542,10 @@ class Sampler:
         found = {x: cache.get(x) for x in windows}
         missing = [x for x, v in found.items() if v is None]
         if missing:
+            # the windows after the last one come next: lay them out in the same vectorized call
+            last = -(-self._blocks.count // self.window) - 1
+            ahead = [x for x in range(max(missing) + 1, min(max(missing) + _AHEAD, last) + 1) if x not in cache]
+            missing = sorted(set(missing) | set(ahead))
             lay = self._layouts(plan, np.array(missing, dtype=np.int64))
             for r, x in enumerate(missing):
                 rounds = int(lay["rounds"][r])
@@ -548,18 +555,34 @@ class Sampler:
                 cache.clear()
             cache.update((x, found[x]) for x in missing)
         out = np.empty(len(j), dtype=np.int64)
-        size = getattr(self._blocks, "size", 0)
+        tables = plan["tables"]  # shared by threads like the layouts
         for r, x in enumerate(windows):
             lo, hi = runs[r], runs[r + 1]
-            total, a, b, keys, regular, offsets, firsts = found[x]
-            shuffled = _permute(within[lo:hi], total, a, b, keys).astype(np.int64)
-            if regular:  # equal blocks: arithmetic
-                k, offset = np.divmod(shuffled, size)
-            else:
-                k = np.searchsorted(offsets, shuffled, side="right") - 1
-                offset = shuffled - offsets[k]
-            out[lo:hi] = firsts[k] + offset
+            entry = found[x]
+            if int(entry[0]) > _TABLE:
+                out[lo:hi] = self._window_records(entry, within[lo:hi])
+                continue
+            # A small window is read through in order over the next batches: evaluate all its
+            # positions at once (the same values, far fewer numpy calls per position)
+            table = tables.get(x)
+            if table is None:
+                table = self._window_records(entry, np.arange(int(entry[0]), dtype=np.uint64))
+                if len(tables) >= 2:
+                    tables.clear()
+                tables[x] = table
+            out[lo:hi] = table[within[lo:hi].astype(np.int64)]
         return out
+
+    def _window_records(self, entry: tuple, within: np.ndarray) -> np.ndarray:
+        """Record positions at positions ``within`` (uint64) of one window, from its layout ``entry``."""
+        total, a, b, keys, regular, offsets, firsts = entry
+        shuffled = _permute(within, total, a, b, keys).astype(np.int64)
+        if regular:  # equal blocks: arithmetic
+            k, offset = np.divmod(shuffled, getattr(self._blocks, "size", 0))
+        else:
+            k = np.searchsorted(offsets, shuffled, side="right") - 1
+            offset = shuffled - offsets[k]
+        return firsts[k] + offset
 
     def _positions_at(self, epoch: int, p: np.ndarray) -> np.ndarray:
         """This process's record positions (``[0, size)``) at epoch positions ``p`` (int64, ``< size``)."""
