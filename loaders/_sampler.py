@@ -61,7 +61,7 @@ _FEW = 8  # cycle walking: this many values or fewer are walked with Python ints
 _RUNS = 16  # block mode: up to this many windows in one evaluation are shuffled one by one
 _LAYOUTS = 64  # block mode: windows whose layout an epoch's plan keeps
 _AHEAD = 16  # block mode: windows laid out together (those asked for and the next ones)
-_TABLE = 1 << 16  # block mode: a window of at most this many records is evaluated whole (512 KiB), two kept
+_TABLE = 1 << 16  # block mode: a window of at most this many records read again is evaluated whole (512 KiB)
 _MAX_TABLE = 2**24  # irregular blocks cut from a block size: at most this many listed
 _MAX_RECORDS = 2**62  # so that every intermediate value fits in uint64
 
@@ -555,22 +555,21 @@ class Sampler:
                 cache.clear()
             cache.update((x, found[x]) for x in missing)
         out = np.empty(len(j), dtype=np.int64)
-        tables = plan["tables"]  # shared by threads like the layouts
+        tables = plan["tables"]  # window -> its records in order, or None once seen (shared like the layouts)
         for r, x in enumerate(windows):
             lo, hi = runs[r], runs[r + 1]
-            entry = found[x]
-            if int(entry[0]) > _TABLE:
-                out[lo:hi] = self._window_records(entry, within[lo:hi])
+            entry, table = found[x], tables.get(x)
+            if table is None and x in tables and int(entry[0]) <= _TABLE:
+                # A window read a second time is being read through over the next batches: evaluate
+                # all its positions at once (the same values, far fewer numpy calls per position).
+                table = tables[x] = self._window_records(entry, np.arange(int(entry[0]), dtype=np.uint64))
+            if table is not None:
+                out[lo:hi] = table[within[lo:hi].astype(np.int64)]
                 continue
-            # A small window is read through in order over the next batches: evaluate all its
-            # positions at once (the same values, far fewer numpy calls per position)
-            table = tables.get(x)
-            if table is None:
-                table = self._window_records(entry, np.arange(int(entry[0]), dtype=np.uint64))
-                if len(tables) >= 2:
-                    tables.clear()
-                tables[x] = table
-            out[lo:hi] = table[within[lo:hi].astype(np.int64)]
+            out[lo:hi] = self._window_records(entry, within[lo:hi])
+            if len(tables) >= 4:
+                tables.clear()
+            tables[x] = None
         return out
 
     def _window_records(self, entry: tuple, within: np.ndarray) -> np.ndarray:
