@@ -58,11 +58,6 @@ def watch(path: str, size: int) -> None:
             _install()
 
 
-def watched() -> dict[str, int]:
-    """The files this process has registered, with their sizes when mapped."""
-    return dict(_WATCHED)
-
-
 def changed_files() -> list[str]:
     """One line per watched file whose size is not the one it had when mapped."""
     lines = []
