@@ -122,3 +122,15 @@ def h5_path(tmp_path_factory, records):
         f.create_dataset("odd", data=feats, chunks=(29, 3))  # chunks split rows: h5py path
         f.create_dataset("big", data=y.astype(">i4"), chunks=(64,))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def mnist1d_dir(tmp_path_factory):
+    """MNIST-1D written once for the session's trainer tests (a ``data.cache_dir``)."""
+    pytest.importorskip("jax")
+    pytest.importorskip("grain")
+    from trainers.data import prepare_mnist1d
+
+    root = str(tmp_path_factory.mktemp("datasets"))
+    prepare_mnist1d(root)
+    return root

@@ -18,17 +18,6 @@ CNN = os.path.join(ROOT, "configs", "mnist1d_cnn.yaml")
 MLP = os.path.join(ROOT, "configs", "mnist1d_mlp.yaml")
 
 
-@pytest.fixture(scope="module")
-def mnist1d_dir(tmp_path_factory):
-    pytest.importorskip("jax")
-    pytest.importorskip("grain")
-    from trainers.data import prepare_mnist1d
-
-    root = str(tmp_path_factory.mktemp("datasets"))
-    prepare_mnist1d(root)
-    return root
-
-
 def cli(capsys, config, workdir, cache, *overrides) -> tuple[int, str, str]:
     """``python -m trainers.run`` in a subprocess (JAX threads in this process would make later
     tests' ``fork`` unsafe): exit code, stdout, stderr."""

@@ -21,15 +21,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MLP = os.path.join(ROOT, "configs", "mnist1d_mlp.yaml")
 
 
-@pytest.fixture(scope="session")
-def mnist1d_dir(tmp_path_factory):
-    from trainers.data import prepare_mnist1d
-
-    root = str(tmp_path_factory.mktemp("datasets"))
-    prepare_mnist1d(root)
-    return root
-
-
 def env(devices: int = 1) -> dict[str, str]:
     out = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"

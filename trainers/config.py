@@ -98,6 +98,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     devices: int | None = None  # local devices for pmap (default: all)
+    audit: bool = False  # write per-step hashes of the data read (audit/): python -m trainers.audit RUN_A RUN_B
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +172,7 @@ RANGES = {
 # Every other difference from the checkpoint's config is refused (see resume_changes).
 RESUMABLE = frozenset({
     "train.steps", "train.epochs", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.log_every", "train.devices", "data.adapter", "data.workers", "data.eval_batch_size",
+    "train.log_every", "train.devices", "train.audit", "data.adapter", "data.workers", "data.eval_batch_size",
 })
 
 

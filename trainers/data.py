@@ -175,8 +175,8 @@ def to_numpy(batch: dict[str, Any]) -> dict[str, np.ndarray]:
             for k, v in batch.items()}
 
 
-def eval_loader(cfg: DataConfig, source: Any, batch_size: int) -> Loader:
-    """Every evaluation record once, in file order, padded batches masked by ``_valid``."""
-    size = min(batch_size, len(source))
-    sampler = Sampler(len(source), size, shuffle=False, drop_remainder=False, num_epochs=1)
+def eval_loader(cfg: DataConfig, source: Any, batch_size: int, part: ProcessPart | None = None) -> Loader:
+    """Every evaluation record once, in file order, in batches of ``batch_size`` (this process's slice
+    of each, in ``global`` mode), the last one padded and masked by ``_valid``."""
+    sampler = Sampler(len(source), batch_size, shuffle=False, drop_remainder=False, num_epochs=1, part=part)
     return Loader(source, sampler, prefetch=2)

@@ -1,4 +1,4 @@
-"""Everything about devices, in one file: pmap over local devices, replicate, unreplicate.
+"""Everything about devices, in one file: pmap over the devices of every process, replicate, unreplicate.
 
 A later move to ``jit`` with shardings touches only this module.
 """
@@ -15,12 +15,27 @@ from adapters.jax import AXIS, sharding
 
 
 def local_devices(count: int | None = None) -> list:
+    """This process's first ``count`` devices (default: all of them)."""
     devices = jax.local_devices()
     if count is None:
         return devices
     if not 1 <= count <= len(devices):
         raise ValueError(f"train.devices={count}, but this process has {len(devices)} local device(s)")
     return devices[:count]
+
+
+def global_devices(count: int | None = None) -> list:
+    """Every process's first ``count`` devices: what ``pmap`` spans, so its collectives reach all
+    processes (each process feeds its own local ones). The local ones alone in a one-process run."""
+    if jax.process_count() == 1:
+        return local_devices(count)
+    by_process: dict[int, list] = {}
+    for d in jax.devices():
+        by_process.setdefault(d.process_index, []).append(d)
+    fewest = min(len(v) for v in by_process.values())
+    if count is not None and not 1 <= count <= fewest:
+        raise ValueError(f"train.devices={count}, but a process of this run has {fewest} local device(s)")
+    return [d for p in sorted(by_process) for d in by_process[p][: count or None]]
 
 
 def replicate(tree: Any, devices: list) -> Any:

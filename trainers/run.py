@@ -1,6 +1,8 @@
 """``python -m trainers.run CONFIG.yaml [dotted.key=value ...] [--workdir DIR] [--fresh]``.
 
-Parses the command line and calls :func:`trainers.train.train_and_evaluate`; nothing else.
+Parses the command line, joins a multi-process run when told to (``--coordinator``,
+``--num-processes``, ``--process-id``; or ``--distributed`` to let JAX detect SLURM,
+Open MPI or a TPU pod), and calls :func:`trainers.train.train_and_evaluate`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="run folder (default: runs/<config name>)")
     parser.add_argument("--fresh", action="store_true", help="ignore and delete this workdir's checkpoints; start over")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    multi = parser.add_argument_group(
+        "multi-process runs (jax.distributed)",
+        "start the same command in every process, each with its --process-id; all share one --workdir "
+        "(a shared file system across hosts). data.batch_size is the global batch: each process reads its slice.")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, which coordinates the run")
+    multi.add_argument("--num-processes", type=int, metavar="N", help="how many processes the run has")
+    multi.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+    multi.add_argument("--distributed", action="store_true",
+                       help="join a run JAX detects by itself (SLURM, Open MPI, TPU pods, Kubernetes)")
+    multi.add_argument("--lost-after", type=float, default=60.0, metavar="SECONDS",
+                       help="end every process this long after another one stops responding (default: 60)")
     args = parser.parse_args(argv)
 
     from .config import ConfigError, load_config
@@ -31,17 +44,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
 
+    from . import distributed
+
+    launch = distributed.Launch(args.coordinator, args.num_processes, args.process_id, args.distributed, args.lost_after)
+    try:
+        distributed.initialize(launch)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
     from .train import train_and_evaluate
 
+    label = distributed.process_label() if launch.wanted else ""
     try:
         summary = train_and_evaluate(config, workdir, fresh=args.fresh, progress=not args.no_progress)
     except ConfigError as e:  # e.g. resuming a checkpoint with a config that changes its state or data
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{label}error: {e}", file=sys.stderr)
         return 2
     except (FloatingPointError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{label}error: {e}", file=sys.stderr)
         return 1
-    if summary.get("interrupted"):
+    if summary.get("interrupted") or label:
         return 0
     ev = ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items())
     print(f"done: {summary['steps']} steps in {summary['wall_time_s']} s; {ev}")

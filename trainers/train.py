@@ -28,9 +28,10 @@ import yaml
 from flax import nnx
 
 from adapters.jax import device_batches, process_part
-from loaders import LoaderState, Sampler
+from loaders import LoaderState, ProcessPart, Sampler
 
-from . import checkpoints, parallel
+from . import checkpoints, distributed, parallel
+from .audit import AuditLog
 from .config import Config, ConfigError, OptimizerConfig, ScheduleConfig, resume_changes
 from .data import build_adapter, build_sources, eval_loader, holds_part, to_numpy
 from .losses import build_loss
@@ -186,19 +187,35 @@ def check_resume(mgr: Any, config: Config, workdir: str) -> None:
     if allowed:
         length = any(c.startswith(("train.steps:", "train.epochs:")) for c in allowed) and config.schedule.name != "constant"
         lr = f"; the {config.schedule.name} learning-rate schedule now spans the new length" if length else ""
-        print(f"resuming from {where} with changed settings that keep the train state and the data order: "
+        print(f"{distributed.process_label()}resuming from {where} with changed settings that keep the train state "
+              "and the data order: "
               f"{', '.join(allowed)}{lr}", file=sys.stderr, flush=True)
 
 
 class _StopRequest:
-    """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint at the current step and exits."""
+    """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint at the current step and exits.
 
-    def __init__(self) -> None:
+    In a multi-process run the processes must agree on the step they stop at: there SIGTERM is
+    left to JAX's preemption notice (:meth:`agreed`), which picks the same step for every process,
+    and Ctrl-C ends the one process (the others then report it lost).
+    """
+
+    def __init__(self, multi_process: bool = False) -> None:
         self.signal: int | None = None
+        self.multi_process = multi_process
         self._previous: dict[int, Any] = {}
 
+    def agreed(self, step: int) -> bool:
+        """Whether to save and stop after ``step`` (called at every step, by every process)."""
+        if self.multi_process and self.signal is None:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal = signal.SIGTERM
+        return self.signal is not None
+
     def __enter__(self) -> _StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in () if self.multi_process else (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -336,12 +353,18 @@ class Meter:
 
 
 def _start_workdir(workdir: str, fresh: bool) -> None:
+    """Make ``workdir`` (process 0; every process waits for it), deleting its checkpoints and logs if ``fresh``."""
+    if not distributed.is_primary():
+        distributed.barrier("tandem-workdir")
+        return
     os.makedirs(workdir, exist_ok=True)
     if fresh:
         shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+        shutil.rmtree(os.path.join(workdir, "audit"), ignore_errors=True)
         for name in ("metrics.jsonl", "summary.json"):
             if os.path.exists(os.path.join(workdir, name)):
                 os.remove(os.path.join(workdir, name))
+    distributed.barrier("tandem-workdir")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -355,9 +378,11 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
     t_start = time.time()
     _start_workdir(workdir, fresh)
     cfg, tc = config.data, config.train
+    primary, label = distributed.is_primary(), distributed.process_label()
     mgr = checkpoints.manager(workdir, tc.keep_checkpoints)
     check_resume(mgr, config, workdir)
-    devices = parallel.local_devices(tc.devices)
+    devices = parallel.local_devices(tc.devices)  # fed by this process
+    spanned = parallel.global_devices(tc.devices)  # what pmap's collectives span: every process's devices
     train_src, eval_src, sampler = build_data(config, devices)
     total = tc.steps if tc.steps is not None else (tc.epochs or 1) * sampler.steps_per_epoch
     latest = mgr.latest_step()
@@ -375,21 +400,24 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
 
     state, start = restore_latest(mgr, state, train_src, sampler)
     if start:
-        print(f"resumed from {os.path.join(workdir, 'checkpoints', str(start))} at step {start}", flush=True)
+        print(f"{label}resumed from {os.path.join(workdir, 'checkpoints', str(start))} at step {start}", flush=True)
     resolved = config.to_dict()
-    _write_atomic(os.path.join(workdir, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False))
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    _trim_metrics(metrics_path, start, drop_eval_at_last=start >= total)
+    if primary:
+        _write_atomic(os.path.join(workdir, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False))
+        _trim_metrics(metrics_path, start, drop_eval_at_last=start >= total)
 
-    p_train = parallel.pmapped(make_train_step(graphdef, tx, loss_fn, takes_rng(model)), devices, donate=(0,))
-    p_eval = parallel.pmapped(make_eval_step(graphdef, loss_fn), devices)
+    p_train = parallel.pmapped(make_train_step(graphdef, tx, loss_fn, takes_rng(model)), spanned, donate=(0,))
+    p_eval = parallel.pmapped(make_eval_step(graphdef, loss_fn), spanned)
     state_r = parallel.replicate(state, devices)
-    eval_batch = len(devices) * math.ceil(min(cfg.eval_batch_size, len(eval_src) if eval_src else 1) / len(devices))
+    # Every process evaluates its slice of each evaluation batch (padded alike, so all run as many steps).
+    eval_part = ProcessPart(sampler.part.index, sampler.part.count, "global")
+    eval_batch = len(spanned) * math.ceil(min(cfg.eval_batch_size, len(eval_src) if eval_src else 1) / len(spanned))
 
     def run_eval() -> dict[str, float]:
         if eval_src is None:
             return {}
-        batches = map(inputs, eval_loader(cfg, eval_src, eval_batch))
+        batches = map(inputs, eval_loader(cfg, eval_src, eval_batch, eval_part))
         return evaluate(p_eval, state_r["params"], device_batches(batches, devices=devices))
 
     def save(step: int) -> None:
@@ -398,12 +426,19 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
         loader_state = LoaderState.create(step, train_src, sampler).to_dict()
         checkpoints.save(mgr, step, parallel.unreplicate(state_r), loader_state, resolved)
 
-    bar = _progress(total, start, progress)
+    bar = _progress(total, start, progress and primary)
     eval_metrics: dict[str, float] = {}
     step, interrupted = start, None
     adapter = build_adapter(cfg, train_src, sampler)  # kept alive while its stream runs
-    stream = device_batches(map(inputs, adapter.iter_from(start)), devices=devices, size=2)
-    with open(metrics_path, "a") as log, _StopRequest() as stop:
+    host_batches = map(inputs, adapter.iter_from(start))
+    audit = None
+    if tc.audit:
+        audit = AuditLog(workdir, sampler.part.index, sampler.part.count, start, sampler, ["x", "y"])
+        host_batches = map(audit.observe, host_batches)
+    stream = device_batches(host_batches, devices=devices, size=2)
+    distributed.describe(lambda: f"at step {step} (last checkpoint: {mgr.latest_step() or 'none'}, in {workdir})")
+    multi = jax.process_count() > 1
+    with open(metrics_path if primary else os.devnull, "a") as log, _StopRequest(multi) as stop:
         meter = Meter(log, schedule, cfg.batch_size, bar)
         while step < total:
             t = time.perf_counter()
@@ -412,32 +447,39 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
             state_r, metrics = p_train(state_r, batch)
             step += 1
             meter.add(step, metrics)
+            stopping = stop.agreed(step)
             eval_due = tc.eval_every and step % tc.eval_every == 0
             ckpt_due = tc.checkpoint_every and step % tc.checkpoint_every == 0
-            if step % tc.log_every == 0 or step == total or eval_due or ckpt_due or stop.signal:
+            if step % tc.log_every == 0 or step == total or eval_due or ckpt_due or stopping:
                 meter.flush(step)
+                if audit is not None:
+                    audit.write(step)
             if eval_due and step != total:
                 eval_metrics = run_eval()
                 meter.write({"step": step, **eval_metrics})
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-            if ckpt_due or step == total or stop.signal:
+                if primary:
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+            if ckpt_due or step == total or stopping:
                 save(step)
-            if stop.signal:
+            if stopping:
                 interrupted = signal.Signals(stop.signal).name
                 break
         stream.close()
+        if audit is not None:
+            audit.close()
         if interrupted is None:
             eval_metrics = run_eval()
             meter.write({"step": step, **eval_metrics})
     bar.close()
     mgr.close()
+    distributed.finish()
     return _finish(workdir, t_start, step, meter.last, eval_metrics, parallel.unreplicate(state_r)["params"],
-                   len(devices), cfg.adapter, interrupted)
+                   len(spanned), cfg.adapter, interrupted, primary)
 
 
 def _finish(workdir: str, t_start: float, step: int, last: dict[str, float], eval_metrics: dict[str, float],
-            params: Any, devices: int, adapter: str, interrupted: str | None) -> dict[str, Any]:
-    """The run's summary, written to ``summary.json`` unless the run was interrupted."""
+            params: Any, devices: int, adapter: str, interrupted: str | None, primary: bool = True) -> dict[str, Any]:
+    """The run's summary, written to ``summary.json`` (by process 0) unless the run was interrupted."""
     summary = {
         "steps": step,
         "final_metrics": last,
@@ -452,9 +494,11 @@ def _finish(workdir: str, t_start: float, step: int, last: dict[str, float], eva
         "metrics": os.path.abspath(os.path.join(workdir, "metrics.jsonl")),
     }
     if interrupted:
-        print(f"{interrupted}: saved a checkpoint at step {step}; run the same command to resume", flush=True)
+        print(f"{distributed.process_label()}{interrupted}: saved a checkpoint at step {step}; run the same command "
+              "to resume", flush=True)
         return {"interrupted": interrupted, **summary}
-    _write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
+    if primary:
+        _write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
     return summary
 
 
