@@ -182,7 +182,9 @@ class TorchLoader(StepAdapter):
         weakref.finalize(self, self._reader.close)
         self._pin = pin_memory and torch.cuda.is_available()
         generator = torch.Generator()
-        generator.manual_seed(sampler.seed)
+        # Seeds the workers' numpy.random / random streams: per rank, so ranks do not draw alike.
+        # (Order and resume never depend on them; per-record randomness belongs to record_rng.)
+        generator.manual_seed(int(np.random.SeedSequence([sampler.seed, sampler.part.index]).generate_state(1, np.uint64)[0]))
         self.dataloader = torch.utils.data.DataLoader(
             _Batches(self.loader, slots, self._reader.token),
             batch_size=None,

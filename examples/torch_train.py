@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> str:
         step = state["step"]
         print(f"resumed from {ckpt} at step {step}")
 
+    loss = None  # a rerun of a finished run trains no step
     for batch in loader:
         if step >= args.steps:
             break
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> str:
             print(f"stopping at step {step} (--stop-after)")
             return ""
     digest = weights_sha256(model)
-    print(f"step {step} loss {loss.item():.4f} weights sha256 {digest}")
+    shown = "n/a" if loss is None else f"{loss.item():.4f}"
+    print(f"step {step} loss {shown} weights sha256 {digest}")
     return digest
 
 

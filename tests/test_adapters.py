@@ -219,6 +219,14 @@ def test_torch_batches_are_tensors(request):
     assert batch["y"].dtype == torch.int64
 
 
+def test_torch_worker_random_streams_differ_per_rank(h5_path):
+    """Workers seed numpy.random / random from the DataLoader's generator: ranks must not share it."""
+    src = H5Source(h5_path)
+    seeds = {TorchLoader(src, Sampler(len(src), 8, seed=3, part=ProcessPart(r, 2))).dataloader.generator.initial_seed()
+             for r in (0, 1)}
+    assert len(seeds) == 2
+
+
 def test_restore_mid_iteration_starts_over_at_the_state(request, reference_cache):
     loader = adapter("torch", 0, source("h5", request))
     it = iter(loader)
