@@ -23,6 +23,7 @@ import numpy as np
 from ._bytes import ByteWindows
 from ._errors import DataError
 from ._guard import file_digest, watch
+from ._index import INLINE_CHUNKS, chunk_table
 from ._part import ProcessPart
 from ._progress import progress as _progress
 from .shm import SharedArrays
@@ -187,13 +188,16 @@ def _vlen_kind(dtype: np.dtype) -> str | None:
     return "variable-length or object data"
 
 
-def _direct_layout(ds, file_size: int) -> np.ndarray | None:
+def _direct_layout(ds, file_size: int, path: str | None = None) -> np.ndarray | None:
     """File offsets of each row block for an uncompressed dataset, or None.
 
     Returns an array ``starts`` with one entry per chunk (one entry for a contiguous
     dataset) holding the byte offset of that chunk's first row, when every row can be
     read straight from the file: no filters, chunks spanning whole rows, every chunk
     allocated, and everything inside the file.
+
+    A table of more than ``INLINE_CHUNKS`` chunks of file ``path`` comes from the cache
+    (memory-mapped, shared by every process; walked and written there the first time).
     """
     if ds.dtype.kind not in "biuf" or ds.dtype.hasobject or ds.is_virtual or ds.external:
         return None
@@ -209,6 +213,14 @@ def _direct_layout(ds, file_size: int) -> np.ndarray | None:
     nchunks = -(-ds.shape[0] // rows)
     if ds.id.get_num_chunks() != nchunks:
         return None  # unallocated chunks hold the fill value, not file bytes
+    if path is not None and nchunks > INLINE_CHUNKS:
+        return chunk_table(path, ds.name, nchunks, lambda: _chunk_starts(ds, rows, nchunks, row_bytes, file_size))
+    return _chunk_starts(ds, rows, nchunks, row_bytes, file_size)
+
+
+def _chunk_starts(ds, rows: int, nchunks: int, row_bytes: int, file_size: int) -> np.ndarray | None:
+    """Where each chunk of ``ds`` (``rows`` rows each) starts in the file, walking the chunk
+    index; None if a chunk lies (even partly) outside the file."""
     starts = np.full(nchunks, -1, dtype=np.int64)
 
     def visit(info):
@@ -227,14 +239,37 @@ def _direct_layout(ds, file_size: int) -> np.ndarray | None:
 class _Key:
     """What the source knows about one selected dataset."""
 
-    def __init__(self, name: str, ds, file_size: int, direct: bool) -> None:
+    def __init__(self, name: str, ds, file_size: int, direct: bool, path: str | None = None) -> None:
         self.name = name
         self.shape = tuple(ds.shape)
         self.dtype = ds.dtype
         self.chunk_rows = ds.chunks[0] if ds.chunks else None
         self.row_bytes = ds.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
-        self.starts = _direct_layout(ds, file_size) if direct else None
+        starts = _direct_layout(ds, file_size, path) if direct else None
+        # A long chunk table is mapped from the cache: pickled as its file's name, mapped again where read.
+        self._starts_file = starts.filename if isinstance(starts, np.memmap) else None
+        self._starts = None if starts is None else starts.view(np.ndarray)  # plain view: no np.memmap indexing cost
         self.native = ds.dtype.newbyteorder("=")  # what reads return (also inside compound fields)
+
+    @property
+    def starts(self) -> np.ndarray | None:
+        """Where each chunk starts in the file (one entry for a contiguous dataset), or None
+        when the dataset is read through h5py."""
+        if self._starts is None and self._starts_file is not None:
+            try:
+                self._starts = np.load(self._starts_file, mmap_mode="r").view(np.ndarray)
+            except (OSError, ValueError) as e:
+                raise DataError(
+                    f"{self._starts_file}: the cached chunk table of dataset {self.name!r} cannot be read ({e}); "
+                    "was the cache removed while the data was in use? Open the source again to rebuild it"
+                ) from e
+        return self._starts
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self._starts_file is not None:
+            state["_starts"] = None
+        return state
 
     def describe(self) -> str:
         # dtype.str of a compound or subarray dtype is only its size ("|V12"): spell it out then
@@ -290,7 +325,7 @@ class H5Source:
             size = stat.st_size if stat else 0
             for k in names:
                 _check_virtual(f[k], self.path, k)
-            self._keys = [_Key(k, f[k], size, direct) for k in names]
+            self._keys = [_Key(k, f[k], size, direct, self.path) for k in names]
         self._num_records = _check_lengths(self.path, {k.name: k.shape for k in self._keys}, chosen=keys is not None)
         self._stat = (stat.st_size, stat.st_mtime_ns) if stat else None
         self.rename = dict(rename or {})

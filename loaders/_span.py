@@ -10,6 +10,10 @@ Python's ``mmap`` module where it has them; the three it lacks (``MAP_FIXED``,
 ``MAP_NORESERVE`` before Python 3.13, ``PROT_NONE``) from a table of the platforms
 whose system headers were checked. Elsewhere :func:`map_span` returns None, and
 readers keep one map per file.
+
+:func:`map_file` maps one file the same way (through libc, its descriptor closed at once),
+so a reader may keep many files mapped, past the number a span holds, with no
+descriptor held open per file.
 """
 
 from __future__ import annotations
@@ -113,12 +117,40 @@ class Span:
         except BaseException:
             _LIBC.munmap(addr, total)
             raise
-        buf = (ctypes.c_uint8 * total).from_address(addr)
-        # Unmapped when the last numpy view of it is gone (every view holds ``buf`` as its base).
-        weakref.finalize(buf, _LIBC.munmap, addr, total)
-        array = np.frombuffer(buf, dtype=np.uint8)
-        array.flags.writeable = False
-        self.windows = ByteWindows(array)
+        self.windows = ByteWindows(_array_at(addr, total))
+
+
+def _array_at(addr: int, length: int) -> np.ndarray:
+    """A read-only numpy view of the ``length`` mapped bytes at ``addr``; unmapped when the last
+    numpy view of it is gone (every view holds ``buf`` as its base)."""
+    buf = (ctypes.c_uint8 * length).from_address(addr)
+    weakref.finalize(buf, _LIBC.munmap, addr, length)
+    array = np.frombuffer(buf, dtype=np.uint8)
+    array.flags.writeable = False
+    return array
+
+
+def map_file(path: str) -> np.ndarray:
+    """The whole of file ``path``, mapped read-only, as a ``uint8`` array.
+
+    Through libc where there is one: the descriptor is closed as soon as the file is mapped,
+    so keeping thousands of such maps holds no descriptor open. Elsewhere Python's ``mmap``
+    (which keeps one). An empty file gives an empty array (``mmap`` refuses length 0).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return np.zeros(0, dtype=np.uint8)
+        if _LIBC is None:
+            return np.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_READ), dtype=np.uint8)
+        addr = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, _FAILED):
+            err = ctypes.get_errno()
+            raise OSError(err, f"{path}: cannot map it ({size} bytes): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    return _array_at(addr, size)
 
 
 def map_span(paths: Sequence[str]) -> Span | None:

@@ -1,13 +1,15 @@
 """WebDataset tar shards with random access through a cached member index.
 
-The source lives here; the header walk and index cache in ``_tar_format``, member
-decoding in ``_decode``, the batch gathers in ``_gather``, the collate in ``_collate``.
+The source lives here; the header walk and per-shard index cache in ``_tar_format``, the
+combined index every process maps in ``_index``, member decoding in ``_decode``, the batch
+gathers in ``_gather``, the collate in ``_collate``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import mmap
+import operator
 import os
 import threading
 from collections import OrderedDict
@@ -22,12 +24,12 @@ from ._decode import INT_EXTS, NPY_HEAD, NpyLayout, decode
 from ._errors import DataError
 from ._gather import BatchRows, gather_ints, gather_npy
 from ._guard import files_digest, watch
-from ._progress import progress
+from ._index import TarIndex, open_tar_index
 from ._shards import expand_shards
-from ._span import Span, map_span
-from ._tar_format import default_index_dir, load_index
+from ._span import Span, map_file, map_span
+from ._tar_format import default_index_dir
 
-_MAX_OPEN = 128
+_MAX_OPEN = 128  # shards kept mapped when they are not all in one span (maps hold no file descriptor)
 
 
 class TarSource:
@@ -47,6 +49,9 @@ class TarSource:
         never unpickle data you did not write.
       index_dir: where shard indexes are cached (default :func:`default_index_dir`).
       progress: show a progress bar while indexes are built.
+
+    The index of every record is cached on disk (in ``index_dir``) and memory-mapped: all
+    processes on a node share one copy, and a pickled source carries only its name.
 
     Batches of uniform ``.npy`` fields are gathered straight from a memory map of
     each shard (headers checked for every record); other fields decode per record.
@@ -69,63 +74,31 @@ class TarSource:
         index_dir: str | None = None,
         progress: bool = False,
     ) -> None:
-        self.shards = expand_shards(shards)
+        paths = expand_shards(shards)
+        self._shards: list[str] | None = paths
         self.index_dir = index_dir or default_index_dir()
         self.rename = dict(rename or {})
         self.transform = transform
         self.decoders = dict(decoders or {})
         self.decode = decode
         self.allow_pickle = allow_pickle
-        per_shard = []
-        bar = _bar(len(self.shards), progress)
-        for path in self.shards:
-            per_shard.append(load_index(path, self.index_dir)[0])
-            bar.update(1)
-        bar.close()
-        found: list[str] = []
-        for ix in per_shard:
-            found += [f for f in ix["fields"] if f not in found]
-        self.fields = list(keys) if keys is not None else found
+        self._ix: TarIndex = open_tar_index(paths, self.index_dir, progress)
+        found = self._ix.fields
+        self.fields = list(keys) if keys is not None else list(found)
         if not self.fields:
-            raise DataError(f"{self.shards[0]}: no samples (no member names of the form key.ext)")
+            raise DataError(f"{paths[0]}: no samples (no member names of the form key.ext)")
         missing_everywhere = [f for f in self.fields if f not in found]
         if missing_everywhere:
             raise DataError(
-                f"no shard has field(s) {missing_everywhere}; fields found: {found} (in {self.shards[0]} ...)"
+                f"no shard has field(s) {missing_everywhere}; fields found: {found} (in {paths[0]} ...)"
             )
         unknown = set(self.rename) - set(self.fields)
         if unknown:
             raise ValueError(f"rename names fields that are not selected: {sorted(unknown)}")
-        self._shard_of, self._offsets, self._sizes, self._keys, starts = [], [], [], [], [0]
-        for s, ix in enumerate(per_shard):
-            n = len(ix["keys"])
-            cols = [ix["fields"].index(f) if f in ix["fields"] else -1 for f in self.fields]
-            off = np.full((n, len(self.fields)), -1, dtype=np.int64)
-            siz = np.full((n, len(self.fields)), -1, dtype=np.int64)
-            for j, c in enumerate(cols):
-                if c >= 0:
-                    off[:, j], siz[:, j] = ix["offsets"][:, c], ix["sizes"][:, c]
-            holes = np.argwhere(off < 0)
-            if len(holes):
-                i, j = holes[0]
-                raise DataError(
-                    f"{self.shards[s]}: sample {ix['keys'][i]!r} has no {self.fields[j]!r} member "
-                    f"(expected fields {self.fields}; {len(holes)} missing in this shard). "
-                    "Select the fields every sample has with keys=[...]"
-                )
-            self._shard_of.append(np.full(n, s, dtype=np.int32))
-            self._offsets.append(off)
-            self._sizes.append(siz)
-            self._keys.extend(ix["keys"])
-            starts.append(starts[-1] + n)
-        self._shard_of = np.concatenate(self._shard_of)
-        self._offsets = np.concatenate(self._offsets)
-        self._sizes = np.concatenate(self._sizes)
-        self._shard_starts = np.asarray(starts, dtype=np.int64)
-        self._shard_end = np.zeros(len(self.shards), dtype=np.int64)
-        np.maximum.at(self._shard_end, self._shard_of, (self._offsets + self._sizes).max(axis=1))
-        if len(self._keys) == 0:
-            raise DataError(f"{self.shards[0]}: the shards hold no samples")
+        self._check_holes()
+        if self._ix.n == 0:
+            raise DataError(f"{paths[0]}: the shards hold no samples")
+        self._v: _View | None = None
         self._lock = threading.Lock()
         self._open: OrderedDict[int, _Mapped] = OrderedDict()
         self._pid: int | None = None
@@ -135,9 +108,48 @@ class TarSource:
         self._plan = self._make_plan()
         self._content: str | None = None
 
+    def _check_holes(self) -> None:
+        """Every selected field in every sample, checked from the counts the index keeps: the
+        error names the first shard with a sample lacking one, and that sample."""
+        ix = self._ix
+        holes = [ix.meta["holes"][ix.fields.index(f)] for f in self.fields]
+        firsts = [first for count, first in holes if count]
+        if not firsts:
+            return
+        r = min(firsts)
+        s = int(ix.shard_of(np.int64(r)))
+        a, b = (int(x) for x in ix.arrays()["starts"][s : s + 2])
+        lacking = [ix.column("offsets", f)[a:b] < 0 for f in self.fields]
+        j = next(j for j, m in enumerate(lacking) if m[r - a])
+        raise DataError(
+            f"{self._shard_path(s)}: sample {ix.key(r)!r} has no {self.fields[j]!r} member "
+            f"(expected fields {self.fields}; {sum(int(m.sum()) for m in lacking)} missing in this shard). "
+            "Select the fields every sample has with keys=[...]"
+        )
+
+    @property
+    def shards(self) -> list[str]:
+        """The shard paths, in order (read from the index in a process that unpickled the source)."""
+        if self._shards is None:
+            self._shards = self._ix.paths()
+        return self._shards
+
+    def _shard_path(self, s: int) -> str:
+        return self._shards[s] if self._shards is not None else self._ix.path(s)
+
+    def _view(self) -> _View:
+        """This process's arrays of the selected fields (mapped the first time they are needed)."""
+        v = self._v
+        if v is None:
+            v = self._v = _View(self._ix, self.fields)
+        return v
+
+    def _shard(self, i: int) -> int:
+        return int(np.searchsorted(self._view().starts, i, side="right")) - 1
+
     # --------------------------------------------------------------- protocol
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._ix.n
 
     @property
     def keys(self) -> list[str]:
@@ -146,12 +158,16 @@ class TarSource:
     @property
     def block_starts(self) -> np.ndarray:
         """Record offsets where each shard begins (for ``shuffle="block"``)."""
-        starts = self._shard_starts[:-1]
+        starts = self._view().starts[:-1]
         return np.unique(starts[starts < len(self)])
 
     def sample_key(self, index: int) -> str:
-        """The WebDataset ``__key__`` of record ``index``."""
-        return self._keys[index]
+        """The WebDataset ``__key__`` of record ``index`` (negative counts from the end)."""
+        i = operator.index(index)
+        i += len(self) if i < 0 else 0
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {index} is out of range [0, {len(self)})")
+        return self._ix.key(i)
 
     def describe(self) -> str:
         """What is read, for the resume fingerprint: shard names, records, fields, and a digest of the
@@ -167,7 +183,8 @@ class TarSource:
         )
 
     def __repr__(self) -> str:
-        return f"TarSource({self.shards[0]!r}... ({len(self.shards)} shards), fields={self.fields}, records={len(self)})"
+        return (f"TarSource({self._shard_path(0)!r}... ({self._ix.n_shards} shards), fields={self.fields}, "
+                f"records={len(self)})")
 
     # --------------------------------------------------------------- reading
     def _map(self, shard: int) -> _Mapped:
@@ -179,10 +196,9 @@ class TarSource:
             if entry is not None:
                 self._open.move_to_end(shard)
                 return entry
-            path = self.shards[shard]
-            with open(path, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            end = int(self._shard_end[shard])
+            path = self._shard_path(shard)
+            mm = map_file(path)
+            end = int(self._view().ends[shard])
             if len(mm) < end:
                 raise DataError(f"{path}: the shard shrank since it was indexed ({len(mm)} bytes, index needs {end})")
             watch(path, len(mm))
@@ -193,13 +209,13 @@ class TarSource:
             return entry
 
     def _where(self, i: int, j: int) -> str:
-        s = int(self._shard_of[i])
-        return f"{self.shards[s]}: member {self._keys[i]}.{self.fields[j]}"
+        return f"{self._shard_path(self._shard(i))}: member {self._ix.key(i)}.{self.fields[j]}"
 
     def _raw(self, i: int, j: int) -> bytes:
-        mm = self._map(int(self._shard_of[i])).mm
-        o, n = int(self._offsets[i, j]), int(self._sizes[i, j])
-        return mm[o : o + n]
+        mm = self._map(self._shard(i)).mm
+        v = self._view()
+        o, n = int(v.offsets[j][i]), int(v.sizes[j][i])
+        return mm[o : o + n].tobytes()
 
     def _decode_one(self, i: int, j: int) -> Any:
         data = self._raw(i, j)
@@ -276,12 +292,13 @@ class TarSource:
             if self._span_pid != pid:
                 span = map_span(self.shards)
                 if span is not None:
-                    short = np.flatnonzero(span.sizes < self._shard_end)
+                    ends = self._view().ends
+                    short = np.flatnonzero(span.sizes < ends)
                     if len(short):
                         k = int(short[0])
                         raise DataError(
                             f"{self.shards[k]}: the shard shrank since it was indexed "
-                            f"({int(span.sizes[k])} bytes, index needs {int(self._shard_end[k])})"
+                            f"({int(span.sizes[k])} bytes, index needs {int(ends[k])})"
                         )
                     for path, size in zip(self.shards, span.sizes.tolist(), strict=True):
                         watch(path, size)
@@ -290,18 +307,19 @@ class TarSource:
 
     def _rows(self, idx: np.ndarray) -> BatchRows:
         """Where a batch's records lie: found once per batch, used by every field."""
-        shards = self._shard_of[idx]
+        v = self._view()
+        shards = np.searchsorted(v.starts, idx, side="right") - 1
         span = self._all_shards()
         if span is not None:  # one gather per field, whatever the number of shards
             base = span.bases[shards]
-            return BatchRows([(span.windows, slice(None))], base, base + self._shard_end[shards])
+            return BatchRows([(span.windows, slice(None))], base, base + v.ends[shards])
         first = int(shards[0])
         if (shards == first).all():
-            return BatchRows([(self._map(first).windows, slice(None))], 0, int(self._shard_end[first]))
+            return BatchRows([(self._map(first).windows, slice(None))], 0, int(v.ends[first]))
         order = np.argsort(shards, kind="stable")
         groups = [(self._map(int(shards[rows[0]])).windows, rows)
                   for rows in np.split(order, np.flatnonzero(np.diff(shards[order])) + 1)]
-        return BatchRows(groups, 0, self._shard_end[shards])
+        return BatchRows(groups, 0, v.ends[shards])
 
     def _per_record(self, idx: np.ndarray, j: int) -> Any:
         """Field ``j`` of records ``idx`` decoded one by one, then stacked."""
@@ -311,7 +329,8 @@ class TarSource:
     def _gather_int(self, idx: np.ndarray, j: int, rows: BatchRows) -> np.ndarray:
         """Short decimal members (``.cls``) of a batch, read at once straight from the shard maps;
         the few the gather cannot read (a sign, whitespace, over 18 digits) decode one by one."""
-        out, slow = gather_ints(rows, self._offsets[idx, j] + rows.base, self._sizes[idx, j])
+        v = self._view()
+        out, slow = gather_ints(rows, v.offsets[j][idx] + rows.base, v.sizes[j][idx])
         for r in np.flatnonzero(slow):
             out[r] = self._decode_one(int(idx[r]), j)
         return out
@@ -319,12 +338,13 @@ class TarSource:
     def _layout(self, i: int, j: int, fresh: bool = False) -> NpyLayout:
         """The ``.npy`` layout kept for field ``j`` in record ``i``'s shard, parsed from record
         ``i`` when there is none yet or ``fresh`` is set."""
-        key = (int(self._shard_of[i]), j)
+        key = (self._shard(i), j)
         lay = None if fresh else self._npy.get(key)
         if lay is None:
             mm = self._map(key[0]).mm
-            o = int(self._offsets[i, j])
-            lay = NpyLayout(mm[o : o + min(NPY_HEAD, int(self._sizes[i, j]))], _Where(self, i, j))
+            v = self._view()
+            o = int(v.offsets[j][i])
+            lay = NpyLayout(mm[o : o + min(NPY_HEAD, int(v.sizes[j][i]))].tobytes(), _Where(self, i, j))
             self._npy[key] = lay
         return lay
 
@@ -334,7 +354,8 @@ class TarSource:
         Every member's header is compared with that of the batch's first record, byte for
         byte; a member with another header (shape, dtype, order) takes the per-record path.
         """
-        offsets, sizes = self._offsets[idx, j] + rows.base, self._sizes[idx, j]
+        v = self._view()
+        offsets, sizes = v.offsets[j][idx] + rows.base, v.sizes[j][idx]
         for fresh in (False, True):
             lay = self._layout(int(idx[0]), j, fresh)
             if lay.fortran:
@@ -347,7 +368,7 @@ class TarSource:
         for r in [] if same.all() else np.flatnonzero(~same):
             arr = self._decode_one(int(idx[r]), j)
             if arr.shape != lay.shape or arr.dtype != lay.native:
-                first = f"{self._keys[int(idx[0])]}.{self.fields[j]}"
+                first = f"{self._ix.key(int(idx[0]))}.{self.fields[j]}"
                 raise DataError(
                     f"{self._where(int(idx[r]), j)}: holds {arr.dtype} {arr.shape}, but {first} in the same batch "
                     f"holds {lay.native} {lay.shape}; they cannot be stacked (use read_records or a collate function)"
@@ -356,8 +377,11 @@ class TarSource:
         return result
 
     def __getstate__(self) -> dict[str, Any]:
+        # The index pickles as its folder's name (its arrays too only where they could not be
+        # cached); the shard paths, this process's maps and caches are found again where it is read.
         state = self.__dict__.copy()
-        state.update(_lock=None, _open=OrderedDict(), _pid=None, _span=None, _span_pid=None)
+        state.update(_lock=None, _open=OrderedDict(), _pid=None, _span=None, _span_pid=None, _v=None, _npy={},
+                     _shards=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -365,12 +389,25 @@ class TarSource:
         self._lock = threading.Lock()
 
 
+class _View:
+    """The index arrays of the selected fields, in one process: where shards start (in records),
+    per field the members' offsets and sizes, and where each shard's selected members end."""
+
+    __slots__ = ("starts", "offsets", "sizes", "ends")
+
+    def __init__(self, ix: TarIndex, fields: list[str]) -> None:
+        self.starts = ix.arrays()["starts"]
+        self.offsets = [ix.column("offsets", f) for f in fields]
+        self.sizes = [ix.column("sizes", f) for f in fields]
+        self.ends = functools.reduce(np.maximum, [ix.column("ends", f) for f in fields])
+
+
 class _Mapped:
-    """One shard's memory map and its byte windows."""
+    """One shard's memory map (a read-only uint8 array) and its byte windows."""
 
     __slots__ = ("mm", "windows")
 
-    def __init__(self, mm: mmap.mmap) -> None:
+    def __init__(self, mm: np.ndarray) -> None:
         self.mm = mm
         self.windows = ByteWindows(mm)
 
@@ -389,6 +426,3 @@ class _Where:
     def __format__(self, spec: str) -> str:
         return format(str(self), spec)
 
-
-def _bar(total: int, enabled: bool):
-    return progress(total, "indexing shards", enabled and total > 1, unit="shard")
