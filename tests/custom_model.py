@@ -39,3 +39,29 @@ class ScaledH5:
 
     def describe(self) -> str:
         return f"ScaledH5({self.inner.describe()})"
+
+
+class FailsInProcessOne:
+    """The HDF5 records, but process 1 of a multi-process run fails its 20th read (used by test_multiprocess)."""
+
+    data_format = "hdf5"
+
+    def __init__(self, path, keys=None, rename=None) -> None:
+        from loaders import H5Source
+
+        self.inner = H5Source(path, keys, rename=rename)
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def read_batch(self, indices):
+        import jax
+
+        self.reads += 1
+        if jax.process_index() == 1 and self.reads == 20:
+            raise ValueError("injected read error")
+        return self.inner.read_batch(indices)

@@ -153,12 +153,33 @@ def test_a_killed_process_is_reported_and_the_restarted_run_ends_bit_identical(t
     assert code1 == -signal.SIGKILL
     assert code0 == 3, err0[-2000:]
     assert "error: process 1 of 2 stopped responding (no heartbeat for" in err0
-    assert "Start every process again with the same command to resume from the last checkpoint." in err0
+    assert "Start every process again with the same command (without --fresh) to resume from the last checkpoint." in err0
     assert waited < 30  # --lost-after 5: bounded, not JAX's 100 s heartbeat or a hang
 
     summary = run(work, mnist1d_dir, 2, 2, "train.log_every=1")
     assert summary["params_sha256"] == ref["params_sha256"]
     assert audit.compare(str(work), str(ref_dir))[0] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["error", "ctrl-c"])
+def test_a_failing_process_ends_the_others_at_once(tmp_path, mnist1d_dir, fault):
+    """An exception or Ctrl-C in one process: it tells the others, who stop at once naming it (not after
+    --lost-after, nor after JAX's 5-minute shutdown barrier)."""
+    extra = ["data.source=tests.custom_model:FailsInProcessOne"] if fault == "error" else ["train.steps=100000"]
+    procs = launch(tmp_path / "run", mnist1d_dir, 2, 2, *extra, lost_after=120)
+    if fault == "ctrl-c":
+        deadline = time.time() + 240
+        while not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text():
+            assert time.time() < deadline
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGINT)
+    (code0, _, err0), (code1, _, err1) = finish(procs, timeout=100)
+    why = "injected read error" if fault == "error" else "interrupted (Ctrl-C)"
+    assert code1 == (1 if fault == "error" else 130), err1[-2000:]
+    assert f"[process 1/2] error: {why}" in err1
+    assert code0 == 3, err0[-2000:]
+    assert f"error: process 1 of 2 failed: {why}; process 0 stops at step" in err0
 
 
 @pytest.mark.slow

@@ -108,6 +108,12 @@ class AuditLog:
         self._file.close()
 
 
+def trim_audit(workdir: str, last_step: int) -> None:
+    """Trim every process's audit file of ``workdir`` to the steps up to ``last_step``."""
+    for path in glob.glob(os.path.join(workdir, FOLDER, "process-*.jsonl")):
+        trim(path, last_step)
+
+
 def _process_of(path: str) -> int:
     try:
         return int(os.path.basename(path)[len("process-") : -len(".jsonl")])
@@ -137,8 +143,9 @@ def _lines(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield line if line.endswith("\n") else line + "\n", row
 
 
-def global_hashes(workdir: str) -> dict[int, tuple[str, str]]:
-    """Per step, the global batch's ``(indices, data)`` hashes: the sums of every process's rows."""
+def global_hashes(workdir: str, incomplete: list[int] | None = None) -> dict[int, tuple[str, str]]:
+    """Per step, the global batch's ``(indices, data)`` hashes: the sums of every process's rows.
+    Steps some process has no row for are left out (and listed in ``incomplete`` if given)."""
     files = sorted(glob.glob(os.path.join(workdir, FOLDER, "process-*.jsonl")))
     if not files:
         raise FileNotFoundError(f"{workdir}: no {FOLDER}/process-*.jsonl (was the run trained with train.audit=true?)")
@@ -149,7 +156,9 @@ def global_hashes(workdir: str) -> dict[int, tuple[str, str]]:
     out = {}
     for step, rows in sorted(parts.items()):
         if len(rows) != rows[0]["of"] or any(r["of"] != rows[0]["of"] for r in rows):
-            continue  # a step some process did not write (killed before it): not comparable
+            if incomplete is not None:  # a step some process did not write (a lost file?): not comparable
+                incomplete.append(step)
+            continue
         mask = (1 << 64) - 1
         out[step] = tuple(f"{sum(int(r[k], 16) for r in rows) & mask:016x}" for k in ("indices", "data"))
     return out
@@ -157,7 +166,8 @@ def global_hashes(workdir: str) -> dict[int, tuple[str, str]]:
 
 def compare(run_a: str, run_b: str) -> tuple[int | None, str]:
     """The first step where runs ``run_a`` and ``run_b`` read different data (None if none) and a report."""
-    a, b = global_hashes(run_a), global_hashes(run_b)
+    gaps: list[int] = []
+    a, b = global_hashes(run_a, gaps), global_hashes(run_b, gaps)
     common = sorted(a.keys() & b.keys())
     for step in common:
         if a[step] != b[step]:
@@ -165,6 +175,8 @@ def compare(run_a: str, run_b: str) -> tuple[int | None, str]:
             return step, f"step {step}: the runs read different {what}"
     only = len(a.keys() ^ b.keys())
     extra = f"; {only} step(s) only one run has" if only else ""
+    if gaps:
+        extra += f"; {len(gaps)} step(s) lack some process's row, not compared (first: {min(gaps)})"
     if not common:
         return None, f"no step in common (A: {len(a)} steps, B: {len(b)}){extra}"
     return None, f"identical data at all {len(common)} common steps ({common[0]}..{common[-1]}){extra}"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 LOST_EXIT = 3  # the exit status of a process that ends because another one was lost
 HEARTBEAT_S = 1.0
+_KEYS = "tandem/"  # this module's keys in the coordination service's key-value store
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Launch:
 
     @property
     def wanted(self) -> bool:
-        return self.auto or self.coordinator is not None or self.num_processes is not None
+        return self.auto or any(v is not None for v in (self.coordinator, self.num_processes, self.process_id))
 
     def check(self) -> None:
         """A one-line ``ValueError`` for an incomplete or inconsistent launch."""
@@ -92,6 +93,33 @@ def finish() -> None:
         _watchdog.finish()
 
 
+def await_verdict() -> None:
+    """Give the watchdog time to find a lost or failed process (it then ends this one, naming it): what
+    a failed collective usually means. Returns if it finds none within ``lost_after``."""
+    if _watchdog is not None:
+        deadline = time.monotonic() + _watchdog.lost_after + 3 * HEARTBEAT_S
+        while time.monotonic() < deadline and _watchdog.watching():
+            time.sleep(0.1)
+
+
+def fail(message: str, code: int) -> None:
+    """End this process of a multi-process run now, with exit status ``code``, after telling the others
+    ``message`` (they stop at once, naming it). Skips JAX's exit-time shutdown barrier, which would
+    wait minutes for processes still blocked in a collective."""
+    if _watchdog is not None:
+        _watchdog.fail(message)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def process_count() -> int:
+    """How many processes the run has (1 unless this process joined a multi-process run)."""
+    import jax
+
+    return jax.process_count()
+
+
 def process_label() -> str:
     """``"[process i/n] "`` for a process other than process 0, else ``""``: the prefix of its lines."""
     import jax
@@ -117,11 +145,16 @@ def barrier(name: str) -> None:
 
 
 class Watchdog:
-    """Heartbeats through JAX's coordination service; ends this process when another stops beating.
+    """Heartbeats through JAX's coordination service; ends this process when another stops beating
+    or reports a failure (:func:`fail`).
+
+    One ``key_value_dir_get`` a second reads every process's beat, so the load on the
+    coordinator grows with the process count, not its square. The beat comes from a Python
+    thread: a process holding the GIL in one C call for longer than ``lost_after`` (XLA
+    compiles and HDF5 reads release it) would look lost, so keep ``lost_after`` well above that.
 
     ``where`` is called for the message's context (e.g. the step and the checkpoint to
-    resume from); set it with :meth:`describe`. ``finish()`` marks this process as done
-    (a finished process is not lost) and stops the thread.
+    resume from); set it with :meth:`describe`, and keep it cheap and free of locks.
     """
 
     def __init__(self, index: int, count: int, lost_after: float, *, exit: Callable[[int], None] = os._exit) -> None:
@@ -138,51 +171,84 @@ class Watchdog:
         self._thread.start()
         return self
 
+    def watching(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
     def finish(self) -> None:
         """This process is done: say so to the others, and stop watching them."""
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self.stop()
+        self._publish("done", "1")
+
+    def fail(self, message: str) -> None:
+        """This process failed with ``message``: tell the others (they end at once, naming it), stop beating."""
+        self.stop()
+        self._publish("failed", message[:500])
+
+    def _publish(self, what: str, value: str) -> None:
         try:
-            _client().key_value_set(f"tandem/done/{self.index}", "1", allow_overwrite=True)
+            _client().key_value_set(f"{_KEYS}{what}/{self.index}", value, allow_overwrite=True)
         except Exception:  # the others may be gone already: nothing left to tell them
             pass
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        except BaseException as e:  # never die quietly: a watchdog that stops watching leaves hangs
+            self._lost(f"the watchdog failed ({type(e).__name__}: {e})")
+
+    def _watch(self) -> None:
         client = _client()
         beat = 0
-        seen: dict[int, tuple[str | None, float]] = {}  # per process: its last beat, and since when (our clock)
-        done: set[int] = set()
+        now = time.monotonic()
+        seen = {p: (None, now) for p in range(self.count) if p != self.index}  # last beat, since when (our clock)
+        unanswered_since: float | None = None
         while not self._stop.wait(HEARTBEAT_S):
             beat += 1
+            now = time.monotonic()
             try:
-                client.key_value_set(f"tandem/beat/{self.index}", str(beat), allow_overwrite=True)
-                now = time.monotonic()
-                for other in range(self.count):
-                    if other == self.index or other in done:
-                        continue
-                    if _try_get(client, f"tandem/done/{other}") is not None:
-                        done.add(other)
-                        continue
-                    value = _try_get(client, f"tandem/beat/{other}")
-                    last, since = seen.get(other, (None, now))
-                    if value != last:
-                        seen[other] = (value, now)
-                    elif now - since > self.lost_after:
-                        self._lost(f"process {other} of {self.count} stopped responding (no heartbeat for "
-                                   f"{now - since:.0f} s)")
-                        return
-            except Exception as e:  # the coordination service (in process 0) is gone
+                client.key_value_set(f"{_KEYS}beat/{self.index}", str(beat), allow_overwrite=True)
+                entries = dict(client.key_value_dir_get(_KEYS))
+                unanswered_since = None
+            except Exception as e:  # the coordination service (in process 0) does not answer
                 if self._stop.is_set():
                     return
-                self._lost(f"the coordinator (process 0 of {self.count}) no longer answers "
-                           f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
-                return
+                unanswered_since = unanswered_since or now
+                if now - unanswered_since > self.lost_after:
+                    first = str(e).splitlines()[0][:200] if str(e) else ""
+                    self._lost(f"the coordination service (in process 0 of {self.count}) has not answered for "
+                               f"{now - unanswered_since:.0f} s ({type(e).__name__}: {first})")
+                continue
+            for other, (last, since) in list(seen.items()):
+                failed = entries.get(f"{_KEYS}failed/{other}")
+                if failed is not None:
+                    self._lost(f"process {other} of {self.count} failed: {failed}")
+                if f"{_KEYS}done/{other}" in entries:
+                    del seen[other]
+                    continue
+                value = entries.get(f"{_KEYS}beat/{other}")
+                if value != last:
+                    seen[other] = (value, now)
+                elif now - since > self.lost_after:
+                    self._lost(f"process {other} of {self.count} stopped responding (no heartbeat for {now - since:.0f} s)")
 
     def _lost(self, what: str) -> None:
-        where = self._where()
-        print(f"\nerror: {what}; process {self.index} stops{' ' + where if where else ''}. Start every process "
-              "again with the same command to resume from the last checkpoint.", file=sys.stderr, flush=True)
-        self._exit(LOST_EXIT)
+        try:
+            where = self._where()
+        except Exception:
+            where = ""
+        try:
+            print(f"\nerror: {what}; process {self.index} stops{' ' + where if where else ''}. Start every process "
+                  "again with the same command (without --fresh) to resume from the last checkpoint.",
+                  file=sys.stderr, flush=True)
+            if self.index == 0:  # the coordination service ends with this process: let the others say why first
+                time.sleep(2 * HEARTBEAT_S)
+        finally:
+            self._exit(LOST_EXIT)
 
 
 def _client():
@@ -192,12 +258,3 @@ def _client():
     if client is None:
         raise RuntimeError("jax.distributed is not initialized")
     return client
-
-
-def _try_get(client, key: str) -> str | None:
-    try:
-        return client.key_value_try_get(key)
-    except Exception as e:  # NOT_FOUND: not set yet
-        if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
-            return None
-        raise

@@ -33,6 +33,10 @@ def global_devices(count: int | None = None) -> list:
     for d in jax.devices():
         by_process.setdefault(d.process_index, []).append(d)
     fewest = min(len(v) for v in by_process.values())
+    if count is None and fewest != max(len(v) for v in by_process.values()):
+        counts = {p: len(v) for p, v in sorted(by_process.items())}
+        raise ValueError(f"the processes have different numbers of devices ({counts}, by process): "
+                         f"set train.devices (at most {fewest}) so that each feeds as many")
     if count is not None and not 1 <= count <= fewest:
         raise ValueError(f"train.devices={count}, but a process of this run has {fewest} local device(s)")
     return [d for p in sorted(by_process) for d in by_process[p][: count or None]]

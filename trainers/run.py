@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,21 +50,35 @@ def main(argv: list[str] | None = None) -> int:
     launch = distributed.Launch(args.coordinator, args.num_processes, args.process_id, args.distributed, args.lost_after)
     try:
         distributed.initialize(launch)
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:  # an incomplete launch; no cluster found; the coordinator unreachable
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     from .train import train_and_evaluate
 
-    label = distributed.process_label() if launch.wanted else ""
+    multi = launch.wanted and distributed.process_count() > 1
+    label = distributed.process_label() if multi else ""
     try:
         summary = train_and_evaluate(config, workdir, fresh=args.fresh, progress=not args.no_progress)
     except ConfigError as e:  # e.g. resuming a checkpoint with a config that changes its state or data
-        print(f"{label}error: {e}", file=sys.stderr)
-        return 2
+        code, message = 2, str(e)
     except (FloatingPointError, ValueError, KeyError) as e:
-        print(f"{label}error: {e}", file=sys.stderr)
-        return 1
+        code, message = 1, str(e)
+    except BaseException as e:
+        if not multi:
+            raise
+        if type(e).__name__ == "JaxRuntimeError":  # a collective failed: most likely another process ended
+            distributed.await_verdict()  # its watchdog then ends this process, naming that one
+        # One process failing must not leave the others blocked in a collective: tell them and end now.
+        traceback.print_exc()
+        code, message = (130, "interrupted (Ctrl-C)") if isinstance(e, KeyboardInterrupt) else (1, repr(e))
+    else:
+        code, message = 0, ""
+    if code:
+        print(f"{label}error: {message}", file=sys.stderr)
+        if multi:
+            distributed.fail(message.splitlines()[0] if message else "", code)
+        return code
     if summary.get("interrupted") or label:
         return 0
     ev = ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items())

@@ -31,7 +31,7 @@ from adapters.jax import device_batches, process_part
 from loaders import LoaderState, ProcessPart, Sampler
 
 from . import checkpoints, distributed, parallel
-from .audit import AuditLog
+from .audit import AuditLog, trim_audit
 from .config import Config, ConfigError, OptimizerConfig, ScheduleConfig, resume_changes
 from .data import build_adapter, build_sources, eval_loader, holds_part, to_numpy
 from .losses import build_loss
@@ -210,7 +210,12 @@ class _StopRequest:
         if self.multi_process and self.signal is None:
             from jax.experimental import multihost_utils
 
-            if multihost_utils.reached_preemption_sync_point(step):
+            try:
+                reached = multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # JAX's preemption service is turned off: no agreed stop, SIGTERM ends the process
+                self.multi_process = False
+                return False
+            if reached:
                 self.signal = signal.SIGTERM
         return self.signal is not None
 
@@ -420,11 +425,14 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
         batches = map(inputs, eval_loader(cfg, eval_src, eval_batch, eval_part))
         return evaluate(p_eval, state_r["params"], device_batches(batches, devices=devices))
 
+    saved = [start]  # the last checkpoint's step, for the lost-process message (no orbax call from its thread)
+
     def save(step: int) -> None:
         # The device feed reads ahead of training: the position to resume from is the
         # step the model has trained on, in the shared format the adapters produce.
         loader_state = LoaderState.create(step, train_src, sampler).to_dict()
         checkpoints.save(mgr, step, parallel.unreplicate(state_r), loader_state, resolved)
+        saved[0] = step
 
     bar = _progress(total, start, progress and primary)
     eval_metrics: dict[str, float] = {}
@@ -435,8 +443,10 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
     if tc.audit:
         audit = AuditLog(workdir, sampler.part.index, sampler.part.count, start, sampler, ["x", "y"])
         host_batches = map(audit.observe, host_batches)
+    elif primary:  # audited before: drop the rows of steps after the checkpoint, which will be trained again
+        trim_audit(workdir, start)
     stream = device_batches(host_batches, devices=devices, size=2)
-    distributed.describe(lambda: f"at step {step} (last checkpoint: {mgr.latest_step() or 'none'}, in {workdir})")
+    distributed.describe(lambda: f"at step {step} (last checkpoint: {saved[0] or 'none'}, in {workdir})")
     multi = jax.process_count() > 1
     with open(metrics_path if primary else os.devnull, "a") as log, _StopRequest(multi) as stop:
         meter = Meter(log, schedule, cfg.batch_size, bar)
