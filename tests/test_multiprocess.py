@@ -52,9 +52,14 @@ def finish(procs, timeout: float = 300) -> list[tuple[int, str, str]]:
         try:
             stdout, stderr = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            for q in procs:  # every thread's stack (trainers.run registers SIGUSR1), then the end
+                q.send_signal(signal.SIGUSR1)
+            time.sleep(2)
             for q in procs:
                 q.kill()
-            raise
+            stacks = [q.communicate()[1] for q in procs]  # also closes the pipes
+            raise AssertionError(f"a process hung for {timeout} s; stderr:\n" +
+                                 "\n".join(f"--- process {i}:\n{e[-6000:]}" for i, e in enumerate(stacks))) from None
         out.append((p.returncode, stdout, stderr))
     return out
 

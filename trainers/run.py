@@ -8,8 +8,11 @@ Open MPI or a TPU pod), and calls :func:`trainers.train.train_and_evaluate`.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
+import threading
 import traceback
 
 
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     multi.add_argument("--lost-after", type=float, default=60.0, metavar="SECONDS",
                        help="end every process this long after another one stops responding (default: 60)")
     args = parser.parse_args(argv)
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 <pid>: every thread's stack, on stderr
 
     from .config import ConfigError, load_config
 

@@ -482,9 +482,10 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
             meter.write({"step": step, **eval_metrics})
     bar.close()
     mgr.close()
-    distributed.finish()
-    return _finish(workdir, t_start, step, meter.last, eval_metrics, parallel.unreplicate(state_r)["params"],
-                   len(spanned), cfg.adapter, interrupted, primary)
+    params = parallel.unreplicate(state_r)["params"]
+    distributed.finish()  # the last step that could wait on another process is done
+    return _finish(workdir, t_start, step, meter.last, eval_metrics, params, len(spanned), cfg.adapter, interrupted,
+                   primary)
 
 
 def _finish(workdir: str, t_start: float, step: int, last: dict[str, float], eval_metrics: dict[str, float],
