@@ -49,9 +49,21 @@ def replicate(tree: Any, devices: list) -> Any:
     return jax.device_put(stacked, sharding(devices))
 
 
+def first_replica(x: Any) -> np.ndarray:
+    """This process's first device's slice of a ``pmap`` output (or of a host array), as numpy.
+
+    Read from the local shard itself: indexing (``x[0]``) would run a computation over the
+    array's devices, which in a multi-process run spans every process, and deadlocks when the
+    processes do not run it at the same moment (seen: one indexing, the other in a barrier).
+    """
+    if isinstance(x, jax.Array):
+        return np.asarray(x.addressable_shards[0].data)[0]
+    return np.asarray(x)[0]
+
+
 def unreplicate(tree: Any) -> Any:
-    """Device 0's copy of a replicated tree, on the host."""
-    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+    """The first local device's copy of a replicated tree, on the host (every copy is the same)."""
+    return jax.tree.map(first_replica, tree)
 
 
 def pmapped(fn: Callable, devices: list, donate: tuple[int, ...] = ()) -> Callable:

@@ -276,10 +276,10 @@ def evaluate(p_eval: Callable, params_r: Any, batches: Any) -> dict[str, float]:
     sums: dict[str, float] = collections.defaultdict(float)
     count = 0.0
     for batch in batches:
-        s, c = jax.device_get(p_eval(params_r, batch))
+        s, c = jax.tree.map(parallel.first_replica, p_eval(params_r, batch))  # sums over all devices: every copy alike
         for k, v in s.items():
-            sums[k] += float(v[0])
-        count += float(c[0])
+            sums[k] += float(v)
+        count += float(c)
     return {f"eval_{k}": v / count for k, v in sums.items()}
 
 
@@ -336,10 +336,10 @@ class Meter:
         """Fetch the window's metrics, stop on a non-finite loss, write one ``metrics.jsonl`` row."""
         if not self.pending:
             return
-        fetched = [{k: np.asarray(v) for k, v in m.items()} for _, m in self.pending]  # cheaper than device_get
+        fetched = [{k: parallel.first_replica(v) for k, v in m.items()} for _, m in self.pending]  # pmean'd: alike
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         for (s, _), m in zip(self.pending, fetched, strict=True):
-            values = {k: float(v[0]) for k, v in m.items()}
+            values = {k: float(v) for k, v in m.items()}
             if not math.isfinite(values.get("loss", 0.0)):
                 raise FloatingPointError(f"non-finite loss {values['loss']} at step {s}; stopping the run")
             self.last = values
