@@ -134,14 +134,15 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-    """Wait until every process reaches ``name`` (nothing to wait for in a one-process run)."""
+def barrier(name: str, timeout_s: float = 600) -> None:
+    """Wait until every process reaches ``name`` (nothing to wait for in a one-process run).
+
+    Through the coordination service, not a device computation (``sync_global_devices``): a
+    collective queued on the devices can deadlock with other work in flight there."""
     import jax
 
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+        _client().wait_at_barrier(f"{_KEYS}{name}", int(timeout_s * 1000))
 
 
 class Watchdog:

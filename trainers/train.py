@@ -197,7 +197,7 @@ class _StopRequest:
 
     In a multi-process run the processes must agree on the step they stop at: there SIGTERM is
     left to JAX's preemption notice (:meth:`agreed`), which picks the same step for every process,
-    and Ctrl-C ends the one process (the others then report it lost).
+    and Ctrl-C ends the one process (``trainers.run`` tells the others, which stop naming it).
     """
 
     def __init__(self, multi_process: bool = False) -> None:
