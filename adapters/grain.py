@@ -5,6 +5,7 @@ Feeding the batches to JAX devices is :mod:`adapters.jax`'s job (it needs no Gra
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import threading
@@ -13,7 +14,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from loaders import Loader, Sampler
+from loaders import Loader, LoaderState, Sampler
 
 from ._common import StepAdapter, check_start, require
 from ._slots import SlotReader, SlotRef, SlotWriter, new_token, unlink_created, use_slots
@@ -92,12 +93,26 @@ class GrainLoader(StepAdapter):
         default): where that hand-off is sound, x86-64 (see :mod:`adapters._slots`);
         ``True`` elsewhere raises. ``False``: Grain's own hand-off.
 
-    ``dataset`` is the ``grain.MapDataset`` of all steps (element ``s`` = batch ``s``),
-    for users who want to add Grain transformations. ``iter_from(step)`` streams from
-    any step; iterate this object to get the resumable stream. ``get_state()`` /
-    ``set_state()`` exchange the shared :class:`loaders.LoaderState`, not Grain's
-    per-worker state, so a run may resume with another ``worker_count`` or in the
-    PyTorch adapter.
+    It behaves as a Grain dataset does:
+
+    - ``iter(loader)`` returns a new :class:`LoaderIterator`, a ``grain.DatasetIterator``
+      with its own position, running from the loader's start step (0, or the step of the
+      last ``loader.set_state``) to the sampler's end: every epoch, not one. Two
+      iterators do not share a cursor, and a new one after an exhausted one starts over.
+    - ``it.get_state()`` / ``it.set_state()`` exchange the shared
+      :class:`loaders.LoaderState` (JSON), not Grain's per-worker state, so a run may
+      resume with another ``worker_count`` or in the PyTorch adapter. ``set_state`` on
+      a running iterator continues from the restored step; a step outside the sampler
+      raises ``IndexError``. Grain's ``grain.checkpoint.CheckpointHandler`` and
+      ``CheckpointSave`` / ``CheckpointRestore`` (orbax) save and restore iterators.
+    - ``len(loader)``: the batches one iterator yields from step 0, all epochs
+      (``len(loader.dataset)``); an endless sampler (``num_epochs=None``) has no length.
+
+    ``loader.get_state()`` (or ``state_dict()``) is the state of the latest iterator
+    (the batches its consumer took), or the start step when there is none; it is the
+    convenient form for one loop at a time. ``dataset`` is the ``grain.MapDataset`` of
+    all steps (element ``s`` = batch ``s``), for users who add Grain transformations.
+    ``iter_from(step)`` streams from any step without touching any state.
     """
 
     def __init__(
@@ -130,6 +145,9 @@ class GrainLoader(StepAdapter):
             _ReadBatch(self.loader)
         )
         self._steps = self.dataset
+        self._start = 0  # where new iterators start
+        self._position = [0]  # the latest iterator's step, shared with it (no reference to the iterator)
+        self._template: LoaderState | None = None
 
     def iter_dataset(self, start: int) -> grain.IterDataset:
         """The Grain pipeline from global step ``start`` (what ``iter_from`` runs)."""
@@ -152,42 +170,139 @@ class GrainLoader(StepAdapter):
         """Batches of global steps ``step``, ``step + 1``, ... to the sampler's end (endless
         when ``num_epochs`` is None), through the pipeline of :meth:`iter_dataset`.
 
-        Leaves :attr:`step` and the state alone: for a caller that keeps its own position
-        (a trainer whose device prefetcher reads ahead). ``step`` may be the sampler's end
-        (no batches); before 0 or past the end raises ``IndexError``.
+        Leaves every state alone: for a caller that keeps its own position (a trainer
+        whose device prefetcher reads ahead). ``step`` may be the sampler's end (no
+        batches); before 0 or past the end raises ``IndexError``.
         """
-        step = check_start(step, self.loader.sampler)
+        stream, close = self._open(check_start(step, self.loader.sampler))
+        return stream if close is None else self._closing(stream, close)
+
+    def _open(self, step: int) -> tuple[Iterator[dict[str, Any]], Callable[[], None] | None]:
+        """The batches from ``step`` and what ends them early (None when nothing runs behind them)."""
         if self.worker_count == 0 and self.read_options.num_threads == 0:
             # Nothing to prefetch: read the MapDataset (with any transformation added to it)
             # by index in this process, without an IterDataset's per-element bookkeeping;
             # while ``dataset`` is the one built here, element ``s`` is just batch ``s``.
             ds = self.dataset
             read = self.loader.get_batch if ds is self._steps else ds.__getitem__
-            return map(read, range(step, len(ds)))
-        return self._pipeline(step)
-
-    def _pipeline(self, step: int) -> Iterator[dict[str, Any]]:
+            return map(read, range(step, len(ds))), None
         it = iter(self.iter_dataset(step))
-        try:
-            yield from it
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
+
+        def close() -> None:
+            getattr(it, "close", lambda: None)()
             self._reader.release()  # the workers are gone: pin none of their slots
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        """The stream from :attr:`step` to the sampler's end, counting the batches taken."""
-        return self._counted(self.iter_from(self._step))
+        return it, close
 
-    def get_state(self) -> dict[str, Any]:
-        """The shared resume state (JSON-serializable); the same as ``state_dict()``."""
-        return self.state_dict()
+    @staticmethod
+    def _closing(stream: Iterator[dict[str, Any]], close: Callable[[], None]) -> Iterator[dict[str, Any]]:
+        try:
+            yield from stream
+        finally:
+            close()
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Continue from a state saved by any Tandem adapter over the same data and order;
-        the same as ``load_state_dict()``."""
-        self.load_state_dict(state)
+    def __iter__(self) -> LoaderIterator:
+        """A new Grain iterator from the start step, with its own position (see the class docstring)."""
+        self._position = [self._start]
+        return LoaderIterator(self, self._start, self._position)
+
+    def __len__(self) -> int:
+        """Batches one iterator yields from step 0: every epoch (``len(loader.dataset)``)."""
+        total = self.loader.sampler.total_steps
+        if total is None:
+            raise TypeError("an endless GrainLoader (num_epochs=None) has no length; steps_per_epoch is "
+                            f"{self.loader.sampler.steps_per_epoch}")
+        return total
+
+    @property
+    def step(self) -> int:
+        """The next global step of the latest iterator (the start step when there is none)."""
+        return self._position[0]
+
+    def _state(self, step: int) -> dict[str, Any]:
+        if self._template is None:  # the fingerprint hashes the source's description: once per loader
+            self._template = LoaderState.create(0, self.loader.source, self.loader.sampler)
+        return dataclasses.replace(self._template, step=step).to_dict()
+
+    def _check(self, state: dict[str, Any]) -> int:
+        return LoaderState.from_dict(state).check(self.loader.source, self.loader.sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shared resume state (JSON-serializable) of the latest iterator; the same as ``get_state()``."""
+        return self._state(self.step)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """New iterators start at a state saved by any Tandem adapter over the same data and
+        order; the same as ``set_state()``. Running iterators are left alone."""
+        self._start = self._check(state)
+        self._position = [self._start]
+
+    get_state = state_dict
+    set_state = load_state_dict
 
     def __repr__(self) -> str:
         return f"GrainLoader({self.loader.source!r}, {self.sampler!r}, worker_count={self.worker_count})"
+
+
+class LoaderIterator(grain.DatasetIterator):
+    """A Grain iterator over a :class:`GrainLoader`'s batches, with its own position.
+
+    ``get_state()`` is the shared :class:`loaders.LoaderState` (a JSON-serializable dict
+    of the same shape at every step) at the next batch this iterator yields;
+    ``set_state()`` moves there, also while running (the batches already read ahead are
+    dropped). ``start_prefetch()`` starts the workers before the first ``next()``;
+    ``close()`` stops them.
+    """
+
+    def __init__(self, loader: GrainLoader, step: int, position: list[int]) -> None:
+        super().__init__()
+        self._loader = loader
+        self._step = step
+        self._position = position  # the loader reads this iterator's step here, if it is the latest
+        self._stream: Iterator[dict[str, Any]] | None = None
+        self._close_stream: Callable[[], None] | None = None
+
+    def _open(self) -> Iterator[dict[str, Any]]:
+        if self._stream is None:
+            self._stream, self._close_stream = self._loader._open(self._step)
+        return self._stream
+
+    def __next__(self) -> dict[str, Any]:
+        self._assert_not_closed()
+        batch = next(self._open())
+        self._step += 1
+        self._position[0] = self._step
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return self._loader._state(self._step)
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        step = self._loader._check(state)
+        self._stop()
+        self._step = self._position[0] = step
+
+    def start_prefetch(self) -> None:
+        self._assert_not_closed()
+        stream = self._open()
+        getattr(stream, "start_prefetch", lambda: None)()
+
+    def _stop(self) -> None:
+        close, self._stream, self._close_stream = self._close_stream, None, None
+        if close is not None:
+            close()
+
+    def close(self) -> None:
+        """Stop the workers; ``next()`` then raises ``ValueError`` (also called when collected)."""
+        self._stop()
+        super().close()
+
+    def _get_next_index(self) -> int:
+        return self._step
+
+    def _set_next_index(self, index: int) -> None:
+        self._stop()
+        self._step = self._position[0] = check_start(index, self._loader.loader.sampler)
+
+    def __repr__(self) -> str:
+        return f"LoaderIterator(step={self._step}, {self._loader!r})"

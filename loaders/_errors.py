@@ -13,3 +13,10 @@ class DataError(ValueError):
 
 class StateMismatchError(ValueError):
     """A resume state that does not belong to this source and sampler."""
+
+
+class StepOutOfRangeError(StateMismatchError, IndexError):
+    """A resume state whose step is before 0 or past the sampler's end.
+
+    An ``IndexError`` too, as Grain raises for an out-of-range iterator state.
+    """

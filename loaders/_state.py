@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Any
 
-from ._errors import StateMismatchError
+from ._errors import StateMismatchError, StepOutOfRangeError
 
 VERSION = 1
 
@@ -49,7 +49,7 @@ class LoaderState:
                 got = f"{value!r} ({type(value).__name__})"
                 raise StateMismatchError(f"loader state field {f.name!r} must be {expected}, got {got}")
         if self.step < 0:
-            raise StateMismatchError(f"loader state field 'step' must be at least 0, got {self.step}")
+            raise StepOutOfRangeError(f"loader state field 'step' must be at least 0, got {self.step}")
 
     @classmethod
     def create(cls, step: int, source: Any, sampler: Any) -> LoaderState:
@@ -106,7 +106,7 @@ class LoaderState:
             )
         total = getattr(sampler, "total_steps", None)
         if total is not None and self.step > total:
-            raise StateMismatchError(
+            raise StepOutOfRangeError(
                 f"loader state is at step {self.step}, past the end of this sampler ({total} steps: "
                 f"{sampler.num_epochs} epoch(s) of {sampler.steps_per_epoch})"
             )
