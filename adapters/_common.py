@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import operator
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 from loaders import Loader, LoaderState, Sampler
@@ -40,15 +39,15 @@ def check_start(step: int, sampler: Sampler) -> int:
 
 
 class StepAdapter:
-    """What both adapters share: the loader, and the step the consumer of ``iter(adapter)`` has reached.
+    """What both adapters share: the loader, its sampler, and the state at :attr:`step`.
 
-    Subclasses provide ``iter_from(step)``; ``__iter__`` counts the batches taken from
-    it, and the state is :class:`loaders.LoaderState` at that count.
+    Subclasses provide ``iter_from(step)``, ``step`` (the position of the consumer of
+    their latest iterator) and ``load_state_dict``; the state is :class:`loaders.LoaderState`
+    at ``step``.
     """
 
     loader: Loader
-    _step: int = 0
-    _restores: int = 0  # bumped by every restore, so a running ``iter()`` stops and a new one starts there
+    _restores: int = 0  # bumped by every load, so running iterators stop
 
     @property
     def sampler(self) -> Sampler:
@@ -56,8 +55,8 @@ class StepAdapter:
 
     @property
     def step(self) -> int:
-        """The next global step handed to the consumer of ``iter(adapter)``."""
-        return self._step
+        """The next global step handed to the consumer of the latest iterator."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -65,23 +64,4 @@ class StepAdapter:
 
     def state_dict(self) -> dict[str, Any]:
         """The shared resume state (:class:`loaders.LoaderState`, JSON-serializable) at :attr:`step`."""
-        return LoaderState.create(self._step, self.loader.source, self.loader.sampler).to_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a state saved by any Tandem adapter over the same data and order.
-
-        A running ``iter(adapter)`` stops; the next one starts at the saved step.
-        """
-        self._step = LoaderState.from_dict(state).check(self.loader.source, self.loader.sampler)
-        self._restores += 1
-
-    def _counted(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Yield ``batches``, counting each one taken; stop if a state is restored after this call."""
-        return self._count(batches, self._restores)
-
-    def _count(self, batches: Iterable[dict[str, Any]], restores: int) -> Iterator[dict[str, Any]]:
-        for batch in batches:
-            if self._restores != restores:
-                return  # restored mid-iteration: a new iter() starts at the restored step
-            self._step += 1
-            yield batch
+        return LoaderState.create(self.step, self.loader.source, self.loader.sampler).to_dict()

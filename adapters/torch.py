@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from loaders import Loader, ProcessPart, Sampler, TarSource
+from loaders import Loader, LoaderState, ProcessPart, Sampler, TarSource
 
 from ._common import StepAdapter, check_start, require
 from ._slots import SlotReader, SlotRef, SlotWriter, new_token, use_slots
@@ -46,20 +46,28 @@ class _Batches(torch.utils.data.Dataset):
     shared-memory slots and only a :class:`SlotRef` travels to the main process.
     """
 
-    def __init__(self, loader: Loader, slots: int, token: str) -> None:
+    def __init__(self, loader: Loader, slots: int, token: str, pad_last: bool = True) -> None:
         self.loader = loader
         self.slots = slots
         self.token = token
+        self.pad_last = pad_last
         self._writer: SlotWriter | None = None
+
+    def read(self, step: int) -> dict[str, Any]:
+        """Batch ``step`` as numpy; without ``pad_last``, the padding rows of a short batch removed."""
+        batch = self.loader.get_batch(step)
+        if self.pad_last or self.loader.sampler.drop_remainder:
+            return batch
+        return drop_padding(batch, self.loader.mask_key)
 
     def __getitem__(self, item: int | tuple[int, int]) -> Any:
         if isinstance(item, tuple):
             start, count = item
-            batches = [self.loader.get_batch(s) for s in range(start, start + count)]
+            batches = [self.read(s) for s in range(start, start + count)]
             if self._in_worker():
                 return self._slot_writer().put_many(batches)
             return [to_torch(b) for b in batches]
-        batch = self.loader.get_batch(int(item))
+        batch = self.read(int(item))
         return self._slot_writer().put(batch) if self._in_worker() else to_torch(batch)
 
     def _in_worker(self) -> bool:
@@ -107,6 +115,25 @@ class _Steps(torch.utils.data.Sampler):
         return max(0, self.stop - self.start)
 
 
+def drop_padding(batch: dict[str, Any], mask_key: str = "_valid") -> dict[str, Any]:
+    """``batch`` without its padding rows (where ``mask_key`` is False) and without the mask:
+    a short batch, as PyTorch's ``drop_last=False`` gives (0 rows if all are padding)."""
+    batch = dict(batch)
+    mask = np.asarray(batch.pop(mask_key))
+    if mask.all():
+        return batch
+    keep = np.flatnonzero(mask)
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, np.ndarray) and v.ndim > 0 and len(v) == len(mask):
+            out[k] = v[keep]
+        elif isinstance(v, list | tuple) and len(v) == len(mask):
+            out[k] = type(v)(v[i] for i in keep)
+        else:
+            out[k] = v
+    return out
+
+
 def _already_collated(batch: dict[str, Any]) -> dict[str, Any]:
     """Items are whole batches, already tensors: nothing for the DataLoader to convert."""
     return batch
@@ -140,13 +167,25 @@ class TorchLoader(StepAdapter):
         here), as much as reading a small batch; grouping spreads it. ``None`` (the
         default): 1 for the first items, then as many as fit in about 1 MiB (at most
         8), from the size of the first batch received. ``prefetch_factor`` counts items.
-      per_epoch: ``True`` (PyTorch's habit): each ``for batch in loader`` runs to the
-        end of the current epoch, so ``for epoch in ...: for batch in loader`` works.
-        ``False``: one stream to the sampler's end (endless if ``num_epochs`` is None).
+      per_epoch: ``True`` (PyTorch's habit): each ``iter(loader)`` runs one epoch, as
+        torchdata's ``StatefulDataLoader`` does, so ``for epoch in ...: for batch in
+        loader`` works: the first from step 0 (or from a loaded state, to the end of its
+        epoch), each later one through the epoch after the previous iterator's, even if
+        that one was left early. ``False``: one stream to the sampler's end (endless if
+        ``num_epochs`` is None); a new ``iter()`` continues where the last one stopped.
+      pad_last: with a sampler that keeps the remainder (``drop_remainder=False``):
+        ``False`` (the default, PyTorch's ``drop_last=False``): the last batch of an
+        epoch is short (its padding rows removed; 0 rows for a process whose slice is all
+        padding, so ranks stay in step) and has no mask key. ``True``: every batch has
+        the full size and a boolean ``_valid`` key, False for padding (what JAX needs:
+        static shapes; the Grain adapter and the trainer always pad).
 
     ``state_dict()`` / ``load_state_dict()`` follow torchdata's ``Stateful``
     convention and exchange the shared :class:`loaders.LoaderState`: a state saved
     here restores into the Grain adapter, or here with another ``num_workers``.
+    ``state_dict()`` is the position of the latest iterator (the batches its consumer
+    took); each iterator keeps its own position. ``load_state_dict()`` stops running
+    iterators; the next ``iter()`` starts at the loaded step.
     Worker RNGs are seeded from the ``DataLoader`` generator, itself seeded from the
     sampler's seed, so user code that draws from ``numpy.random`` in a worker is
     repeatable too. With ``persistent_workers``, one stream runs at a time (PyTorch
@@ -169,11 +208,16 @@ class TorchLoader(StepAdapter):
         per_epoch: bool = True,
         shared_slots: bool | None = None,
         batches_per_item: int | None = None,
+        pad_last: bool = False,
     ) -> None:
         if batches_per_item is not None and batches_per_item < 1:
             raise ValueError(f"batches_per_item must be at least 1, got {batches_per_item}")
         self.loader = Loader(source, sampler, transform=transform, collate=collate)
         self.per_epoch = per_epoch
+        self.pad_last = bool(pad_last)
+        self._position = [0]  # the latest iterator's next step (each iterator has its own cell)
+        self._resume: int | None = 0  # where the next iter() starts, when set by a load (or at construction)
+        self._started: int | None = None  # where the latest iterator started
         # Grouped items only where there is a hand-off to spread: with worker processes.
         self._auto_group = batches_per_item is None and num_workers > 0
         group = (1 if self._auto_group else batches_per_item) if num_workers > 0 else None
@@ -186,7 +230,7 @@ class TorchLoader(StepAdapter):
         # (Order and resume never depend on them; per-record randomness belongs to record_rng.)
         generator.manual_seed(int(np.random.SeedSequence([sampler.seed, sampler.part.index]).generate_state(1, np.uint64)[0]))
         self.dataloader = torch.utils.data.DataLoader(
-            _Batches(self.loader, slots, self._reader.token),
+            _Batches(self.loader, slots, self._reader.token, self.pad_last),
             batch_size=None,
             sampler=_Steps(group),
             num_workers=num_workers,
@@ -212,14 +256,47 @@ class TorchLoader(StepAdapter):
         return self._batches(check_start(step, self.loader.sampler), self.loader.sampler.total_steps)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        """The stream from :attr:`step` (to the epoch's end with ``per_epoch``), counting the batches taken."""
-        start = self._step
-        stop = self.loader.sampler.total_steps
+        """A new iterator: one epoch with ``per_epoch`` (see the class docstring), else the
+        stream from :attr:`step`; it counts the batches its consumer takes."""
+        sampler = self.loader.sampler
+        per, total = sampler.steps_per_epoch, sampler.total_steps
+        if self._resume is not None:
+            start = self._resume
+        elif not self.per_epoch:
+            start = self._position[0]
+        else:  # StatefulDataLoader: every new iterator is the next epoch
+            start = (self._started // per + 1) * per
+        if total is not None:
+            start = min(start, total)
+        self._resume, self._started = None, start
+        stop = total
         if self.per_epoch:
-            per = self.loader.sampler.steps_per_epoch
             epoch_end = (start // per + 1) * per
             stop = epoch_end if stop is None else min(epoch_end, stop)
-        return self._counted(self._batches(start, stop))
+        self._position = cell = [start]
+        return self._counting(self._batches(start, stop), cell, self._restores)
+
+    def _counting(self, batches: Iterator[dict[str, Any]], cell: list[int], restores: int) -> Iterator[dict[str, Any]]:
+        for batch in batches:
+            if self._restores != restores:
+                return  # a state was loaded: the next iter() starts there
+            cell[0] += 1
+            yield batch
+
+    @property
+    def step(self) -> int:
+        """The next global step of the latest iterator (or where the next one starts after a load)."""
+        return self._position[0]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a state saved by any Tandem adapter over the same data and order.
+
+        Running iterators stop; the next ``iter()`` starts at the saved step (with
+        ``per_epoch``, to the end of that step's epoch).
+        """
+        step = LoaderState.from_dict(state).check(self.loader.source, self.loader.sampler)
+        self._resume, self._position = step, [step]
+        self._restores += 1
 
     def _batches(self, start: int, stop: int | None) -> Iterator[dict[str, Any]]:
         """Batches ``start`` .. ``stop - 1`` (``stop`` None: endless), as tensors."""
@@ -227,7 +304,7 @@ class TorchLoader(StepAdapter):
             # In-process, a DataLoader would only call dataset[step] for each step, adding
             # ~15 us of bookkeeping per batch (measured): do just that.
             steps = range(start, stop) if stop is not None else itertools.count(start)
-            batches = map(to_torch, map(self.loader.get_batch, steps))
+            batches = map(to_torch, map(self.dataloader.dataset.read, steps))
             return map(self._pinned, batches) if self._pin else batches
         sampler = self.dataloader.sampler
         sampler.start, sampler.stop = start, stop

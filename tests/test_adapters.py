@@ -270,10 +270,13 @@ def test_atek_style_factory(request, records):
         shards, dict_key_mapping={"npy": "image", "cls": "label"}, batch_size=10, shuffle_flag=True, num_workers=0
     )
     batches = list(loader)
-    # fixed-size batches; drop_last=False pads the last one and marks the padding in "_valid"
-    assert len(batches) == 30 and set(batches[0]) == {"image", "label", "_valid"}
-    labels = sorted(int(v) for b in batches for v in b["label"][b["_valid"]])
+    assert len(batches) == 30 and set(batches[0]) == {"image", "label"}
+    labels = sorted(int(v) for b in batches for v in b["label"])
     assert labels == sorted(records[1].tolist())
+    # drop_last=False with a remainder: a short last batch, as webdataset's .batched(partial=True) gives
+    sevens = list(create_native_atek_dataloader(shards, dict_key_mapping={"cls": "label"}, batch_size=7))
+    assert [len(b["label"]) for b in sevens] == [7] * 42 + [6] and set(sevens[-1]) == {"label"}
+    assert sorted(int(v) for b in sevens for v in b["label"]) == sorted(records[1].tolist())
     single = create_native_atek_dataloader(shards, data_transform_fn=lambda s: {"cls": s["cls"] + 100})
     first = next(iter(single))
     assert first == {"cls": int(records[1][0]) + 100}
