@@ -145,7 +145,8 @@ def train(args: argparse.Namespace, rank: int, world: int) -> str:
     source = H5Source(data, keys=["x", "y"])
     sampler = Sampler(len(source), args.batch_size, seed=args.seed, drop_remainder=not args.keep_remainder,
                       part=ProcessPart(rank, world, "global"), num_epochs=args.epochs)
-    loader = TorchLoader(source, sampler, num_workers=args.workers, per_epoch=False)
+    # pad_last: every rank takes same-shaped batches and weights the loss by the _valid mask
+    loader = TorchLoader(source, sampler, num_workers=args.workers, per_epoch=False, pad_last=True)
     ckpt = os.path.join(args.workdir, "checkpoint.pt")
     state = None
     if os.path.exists(ckpt):
