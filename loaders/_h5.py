@@ -614,6 +614,12 @@ class H5CachedSource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {k: v[0] for k, v in self.read_batch(np.array([index])).items()}
 
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """This rank's part of each key, read-only and not copied: row ``p`` is record
+        ``part.records(len(self))[p]``. For adapters that hand out views (``torch.from_numpy``)."""
+        return dict(self._arrays.arrays)
+
     def close(self) -> None:
         """Release the shared memory now (the owner also does this at exit)."""
         self._arrays.close()
