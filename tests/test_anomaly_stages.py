@@ -1,0 +1,86 @@
+"""AXOL1TL's stages as functions: exact thresholds, efficiencies, AUC (vs scikit-learn), preparation."""
+
+import numpy as np
+import pytest
+
+from trainers.anomaly.prepare import fit_normalization, normalize, quantize, saturate
+from trainers.anomaly.scores import (
+    LHC_RATE_KHZ,
+    ad_score,
+    efficiency,
+    format_table,
+    reconstruction_error,
+    roc_auc,
+    score_table,
+    threshold_at_rate,
+)
+
+
+def test_threshold_lets_exactly_the_target_fraction_through():
+    bg = np.arange(1000, dtype=float)  # scores 0..999
+    # 10 kHz of 1000 kHz: 1% of 1000 events = 10 may pass: threshold is the 11th largest, 989
+    t = threshold_at_rate(bg, 10, 1000)
+    assert t == 989.0 and np.sum(bg > t) == 10
+    assert threshold_at_rate(bg, 0.5, 1000) == 999.0  # less than one event: nothing passes
+    assert threshold_at_rate(bg, 1000, 1000) == -np.inf  # everything passes
+    rng = np.random.default_rng(0)
+    scores = rng.exponential(size=100_000)
+    for rate in (1, 3, 10):
+        t = threshold_at_rate(scores, rate)
+        assert np.sum(scores > t) == int(100_000 * rate / LHC_RATE_KHZ)
+    with pytest.raises(ValueError, match=r"^target rate 0 kHz must be above 0 and at most the total 1000 kHz$"):
+        threshold_at_rate(bg, 0, 1000)
+    with pytest.raises(ValueError, match=r"^1 background score\(s\) are NaN or infinite$"):
+        threshold_at_rate(np.r_[bg, np.nan], 10, 1000)
+
+
+def test_ties_never_let_more_through():
+    bg = np.r_[np.zeros(990), np.ones(10) * 5]  # the 10 top scores tie
+    t = threshold_at_rate(bg, 5, 1000)  # 5 may pass, but they tie with 5 others: none pass
+    assert np.sum(bg > t) == 0
+
+
+def test_auc_equals_scikit_learn_with_ties():
+    sklearn = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    bg = np.round(rng.normal(size=3000), 1)  # rounded: many ties
+    sig = np.round(rng.normal(0.7, 1.2, size=700), 1)
+    labels = np.r_[np.zeros(bg.size), np.ones(sig.size)]
+    assert roc_auc(bg, sig) == pytest.approx(sklearn.roc_auc_score(labels, np.r_[bg, sig]), abs=1e-12)
+    assert roc_auc([0, 1], [2, 3]) == 1.0 and roc_auc([2, 3], [0, 1]) == 0.0 and roc_auc([1], [1]) == 0.5
+
+
+def test_scores_and_table():
+    mu = np.array([[1.0, 2.0], [0.0, 0.5]])
+    np.testing.assert_array_equal(ad_score(mu), [5.0, 0.25])
+    x, xh = np.array([[1.0, 2.0, 3.0]]), np.array([[1.0, 0.0, 4.0]])
+    assert reconstruction_error(x, xh)[0] == pytest.approx(5 / 3)
+    assert reconstruction_error(x, xh, "mae", weights=[0, 1, 1])[0] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match=r"^unknown reconstruction error 'huber' \(known: mse, mae\)$"):
+        reconstruction_error(x, xh, "huber")
+    bg = np.arange(1000, dtype=float)
+    table = score_table(bg, {"heavy": np.array([995.0, 990.0, 10.0, 2.0])}, [10, 100], total_rate_khz=1000)
+    assert table["thresholds"] == [989.0, 899.0]
+    assert table["signals"]["heavy"]["efficiency"] == [0.5, 0.5] and efficiency([1, 2], 1.5) == 0.5
+    text = format_table(table)
+    assert "| heavy | 4 |" in text and "50.00%" in text and "eff @ 10 kHz" in text
+
+
+def test_saturation_normalization_quantization():
+    x = np.array([[5.0, -300.0], [1.0, 2.0]])
+    clipped, flags = saturate(x, [4.0, 255.0], flag=True)
+    np.testing.assert_array_equal(clipped, [[4.0, -255.0], [1.0, 2.0]])
+    np.testing.assert_array_equal(flags, [[True, True], [False, False]])
+    train = np.array([[1.0, 7.0], [3.0, 7.0], [5.0, 7.0]])
+    stats = fit_normalization(train)
+    np.testing.assert_allclose(stats["offset"], [3.0, 7.0])
+    np.testing.assert_allclose(stats["scale"], [np.sqrt(8 / 3), 1.0])  # a constant feature keeps scale 1
+    np.testing.assert_allclose(normalize(np.array([[3.0, 7.0]]), stats), [[0.0, 0.0]])
+    robust = fit_normalization(np.arange(101.0)[:, None], "robust")
+    assert robust["offset"][0] == 50.0 and robust["scale"][0] == 50.0
+    with pytest.raises(ValueError, match=r"event 1, feature 0"):
+        fit_normalization(np.array([[1.0], [np.inf]]))
+    # <8, 3>: step 1/32, range [-4, 4 - 1/32]
+    np.testing.assert_array_equal(quantize([0.0156, 0.0157, 10.0, -10.0, 1.04], 8, 3),
+                                  np.array([0.0, 1 / 32, 4 - 1 / 32, -4.0, 33 / 32], dtype=np.float32))
+    np.testing.assert_array_equal(quantize([-1.0, 300.0], 8, 8, signed=False), np.array([0.0, 255.0], dtype=np.float32))
