@@ -84,3 +84,28 @@ def test_saturation_normalization_quantization():
     np.testing.assert_array_equal(quantize([0.0156, 0.0157, 10.0, -10.0, 1.04], 8, 3),
                                   np.array([0.0, 1 / 32, 4 - 1 / 32, -4.0, 33 / 32], dtype=np.float32))
     np.testing.assert_array_equal(quantize([-1.0, 300.0], 8, 8, signed=False), np.array([0.0, 255.0], dtype=np.float32))
+
+
+def test_each_plot_writes_a_png_that_is_not_blank(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from trainers.anomaly import plots
+
+    rng = np.random.default_rng(0)
+    bg, sig = rng.exponential(size=5000), rng.exponential(3.0, size=500)
+    table = score_table(bg, {"resonance": sig}, [1, 10, 100])
+    history = [{"step": s, "loss": 1 / (s + 1), "kl": 0.1 / (s + 1), "lr": 1e-3 * (1 + np.cos(s / 10)) / 2}
+               for s in range(0, 200, 5)]
+    paths = [
+        plots.score_histograms(bg, {"resonance": sig}, str(tmp_path / "h.png"),
+                               dict(zip([1, 10, 100], table["thresholds"], strict=True))),
+        plots.efficiency_vs_rate(table, str(tmp_path / "e.png")),
+        plots.roc_curves(bg, {"resonance": sig}, str(tmp_path / "r.png")),
+        plots.training_curves(history, str(tmp_path / "t.png")),
+        plots.input_distributions(rng.normal(size=(300, 8)), rng.normal(size=(300, 8)), str(tmp_path / "i.png")),
+    ]
+    for p in paths:
+        pixels = np.asarray(Image.open(p).convert("L"))
+        assert pixels.shape[0] > 200 and pixels.std() > 10, p  # drawn, not a blank canvas
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["e.png", "h.png", "i.png", "r.png", "t.png"]
