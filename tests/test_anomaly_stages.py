@@ -1,5 +1,7 @@
 """AXOL1TL's stages as functions: exact thresholds, efficiencies, AUC (vs scikit-learn), preparation."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -109,3 +111,33 @@ def test_each_plot_writes_a_png_that_is_not_blank(tmp_path):
         pixels = np.asarray(Image.open(p).convert("L"))
         assert pixels.shape[0] > 200 and pixels.std() > 10, p  # drawn, not a blank canvas
     assert sorted(f.name for f in tmp_path.iterdir()) == ["e.png", "h.png", "i.png", "r.png", "t.png"]
+
+
+def test_complete_and_lite_files_read_back(tmp_path):
+    import h5py
+
+    from trainers.anomaly.store import load, store
+
+    rng = np.random.default_rng(0)
+    bg, sig = rng.exponential(size=2000), rng.exponential(3.0, size=200)
+    table = score_table(bg, {"resonance": sig}, [1, 10])
+    weights = {"encoder": {"layers_0": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}}
+    paths = store(str(tmp_path), config={"model": {"name": "vae"}}, table=table,
+                  facts={"steps": 400, "params_sha256": "ab" * 32, "wall_s": 12.5},
+                  history=[{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "lr": 1e-3}],
+                  preprocessing={"normalization": {"kind": "standard", "offset": np.zeros(3), "scale": np.ones(3)},
+                                 "quantization": {"total_bits": 8, "integer_bits": 3}},
+                  scores={"background": bg, "resonance": sig}, weights=weights)
+    complete, lite = load(paths["complete"]), load(paths["lite"])
+    assert complete["config"] == lite["config"] == {"model": {"name": "vae"}}
+    assert complete["steps"] == lite["steps"] == 400 and lite["params_sha256"] == "ab" * 32
+    np.testing.assert_array_equal(lite["thresholds"]["thresholds"], table["thresholds"])
+    np.testing.assert_array_equal(lite["signals"]["resonance"]["efficiency"], table["signals"]["resonance"]["efficiency"])
+    assert lite["signals"]["resonance"]["auc"] == table["signals"]["resonance"]["auc"]
+    np.testing.assert_array_equal(complete["scores"]["background"], bg)
+    np.testing.assert_array_equal(complete["weights"]["encoder"]["layers_0"]["kernel"], np.ones((3, 2)))
+    np.testing.assert_array_equal(complete["history"]["loss"], [2.0, 1.5])
+    assert np.isnan(complete["history"]["lr"][0]) and complete["preprocessing"]["quantization"]["total_bits"] == 8
+    with h5py.File(paths["lite"]) as f:
+        assert set(f) == {"signals", "thresholds"}  # small: no scores, weights or history
+    assert os.path.getsize(paths["lite"]) < 16_000 < os.path.getsize(paths["complete"])
