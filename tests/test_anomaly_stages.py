@@ -1,6 +1,8 @@
 """AXOL1TL's stages as functions: exact thresholds, efficiencies, AUC (vs scikit-learn), preparation."""
 
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -141,3 +143,63 @@ def test_complete_and_lite_files_read_back(tmp_path):
     with h5py.File(paths["lite"]) as f:
         assert set(f) == {"signals", "thresholds"}  # small: no scores, weights or history
     assert os.path.getsize(paths["lite"]) < 16_000 < os.path.getsize(paths["complete"])
+
+
+def _report(tmp_path):
+    from trainers.anomaly import plots
+    from trainers.anomaly.report import render_html, write_html
+
+    rng = np.random.default_rng(0)
+    bg, sig = rng.exponential(size=3000), rng.exponential(3.0, size=300)
+    table = score_table(bg, {"resonance": sig}, [1, 10, 100])
+    figures = {
+        "Score distributions": plots.score_histograms(bg, {"resonance": sig}, str(tmp_path / "h.png")),
+        "ROC": plots.roc_curves(bg, {"resonance": sig}, str(tmp_path / "r.png")),
+    }
+    page = render_html(title="VAE <test> run", facts={"steps": 400, "params SHA-256": "ab" * 32}, table=table,
+                       figures=figures, config={"model": {"name": "vae"}})
+    return write_html(str(tmp_path / "report.html"), page), table
+
+
+def test_report_html_is_self_contained(tmp_path):
+    pytest.importorskip("matplotlib")
+    path, table = _report(tmp_path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    assert "VAE &lt;test&gt; run" in text  # escaped
+    assert len(re.findall(r'src="data:image/png;base64,', text)) == 2
+    assert not re.search(r'(src|href)="(?!data:)', text)  # nothing outside the file
+    assert f"{table['thresholds'][0]:.6g}" in text and "eff. @ 10 kHz" in text
+
+
+def _need_browser():
+    from trainers.anomaly.report import find_chromium
+
+    if find_chromium() is None or shutil.which("pdftoppm") is None:
+        pytest.skip("headless Chromium or poppler-utils not installed (apt-get install chromium poppler-utils; CI does)")
+
+
+def test_report_renders_in_a_real_browser_and_prints_to_pdf(tmp_path):
+    pytest.importorskip("matplotlib")
+    _need_browser()
+    import subprocess
+
+    from PIL import Image
+
+    from trainers.anomaly.report import screenshot, write_pdf
+
+    path, _ = _report(tmp_path)
+    shot = np.asarray(Image.open(screenshot(path, str(tmp_path / "shot.png"))).convert("L"))
+    assert shot.shape == (1400, 1100)
+    assert shot.std() > 20  # text, tables and figures drawn, not a blank page
+    # the embedded figures rendered: a band of the screenshot holds many mid-grey plot pixels
+    assert (shot < 200).mean() > 0.02
+    pdf = write_pdf(path, str(tmp_path / "report.pdf"))
+    info = subprocess.run(["pdfinfo", pdf], capture_output=True, text=True, check=True).stdout
+    pages = int(re.search(r"Pages:\s+(\d+)", info).group(1))
+    assert 1 <= pages <= 6
+    subprocess.run(["pdftoppm", "-r", "40", "-png", pdf, str(tmp_path / "page")], check=True)
+    rendered = sorted(tmp_path.glob("page-*.png"))
+    assert len(rendered) == pages
+    first = np.asarray(Image.open(rendered[0]).convert("L"))
+    assert first.std() > 20
