@@ -395,42 +395,9 @@ def create_native_atek_dataloader(
     return TorchLoader(source, sampler, num_workers=num_workers, collate=collate)
 
 
-def create_dataloader(
-    dataset: Any,
-    random_seed: int = 0,
-    batch_size: int = 1,
-    shuffle: bool = False,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-    drop_last: bool = False,
-    debug_mode: bool = False,
-    is_distributed: bool = False,
-    sampler: Sampler | None = None,
-    collate_fn: Callable[[list[dict]], Any] | None = None,
-) -> tuple[TorchLoader, Sampler]:
-    """Helios' ``create_dataloader``: the loader and its resumable sampler.
+def __getattr__(name: str) -> Any:
+    if name == "create_dataloader":  # Helios' factory lives with the rest of Helios' data module
+        from .helios import create_dataloader
 
-    ``dataset`` is a Tandem source. ``batch_size`` is per process (as in Helios);
-    the sampler's global batch is ``batch_size * world_size``. Resume with
-    ``loader.state_dict()`` / ``load_state_dict()`` rather than the sampler's epoch.
-    """
-    if sampler is None:
-        part = _distributed_part(is_distributed)
-        sampler = Sampler(
-            len(dataset),
-            batch_size * part.count,
-            seed=random_seed,
-            shuffle=shuffle,
-            drop_remainder=drop_last,
-            part=part,
-        )
-    elif not isinstance(sampler, Sampler):
-        raise TypeError(f"sampler must be a loaders.Sampler, got {type(sampler).__name__}")
-    loader = TorchLoader(
-        dataset,
-        sampler,
-        num_workers=0 if debug_mode else num_workers,
-        pin_memory=pin_memory,
-        collate=collate_fn,
-    )
-    return loader, sampler
+        return create_dataloader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
