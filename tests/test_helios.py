@@ -125,3 +125,59 @@ def test_distributed_without_a_process_group_is_a_clear_error(helios_files):
     with pytest.raises(RuntimeError, match=r"^is_distributed=True but torch.distributed is not initialized"):
         create_dataloader(src, is_distributed=True)
     assert isinstance(create_dataloader(src, sampler=Sampler(100, 10))[1], Sampler)
+
+
+# --------------------------------------------------------------------------- the JAX trainer
+def _trainer_config(overrides):
+    pytest.importorskip("jax")
+    pytest.importorskip("grain")
+    import os
+
+    from trainers.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return load_config(os.path.join(root, "configs", "mnist1d_mlp.yaml"),
+                       ["train.steps=6", "train.eval_every=6", "train.checkpoint_every=0", "train.log_every=3", *overrides])
+
+
+def test_one_data_module_feeds_the_jax_trainer_like_paths_do(tmp_path, monkeypatch, mnist1d_dir):
+    from trainers.data import prepare_mnist1d
+    from trainers.train import train_and_evaluate
+
+    files = prepare_mnist1d(mnist1d_dir)
+    monkeypatch.setenv("HELIOS_TRAIN", files["h5_train"])
+    monkeypatch.setenv("HELIOS_VALID", files["h5_eval"])
+    helios_module.CALLS.clear()
+    by_module = train_and_evaluate(_trainer_config(["data.module=tests.helios_module:MyDataModule", "data.dataset=null"]),
+                                   str(tmp_path / "module"), progress=False)
+    assert helios_module.CALLS == ["prepare_data", "setup", "teardown"]
+    by_paths = train_and_evaluate(_trainer_config([f"data.train={files['h5_train']}", f"data.eval={files['h5_eval']}",
+                                                   "data.dataset=null", "data.source=h5"]),
+                                  str(tmp_path / "paths"), progress=False)
+    assert by_module["params_sha256"] == by_paths["params_sha256"] and by_module["accuracy"] == by_paths["accuracy"]
+
+
+def test_data_module_conflicts_and_source_options_are_checked(tmp_path, mnist1d_dir):
+    from trainers.config import ConfigError
+    from trainers.data import build_sources, prepare_mnist1d
+    from trainers.train import train_and_evaluate
+
+    with pytest.raises(ConfigError, match=r"^data.module 'tests.helios_module:MyDataModule' builds the sources: "
+                                          r"leave data.dataset unset$"):
+        train_and_evaluate(_trainer_config(["data.module=tests.helios_module:MyDataModule"]),  # the base sets dataset
+                           str(tmp_path / "a"), progress=False)
+    with pytest.raises(ConfigError, match=r"^data.module: 'tests.helios_module' has no attribute 'Nope'"):
+        train_and_evaluate(_trainer_config(["data.module=tests.helios_module:Nope", "data.dataset=null"]),
+                           str(tmp_path / "b"), progress=False)
+    from loaders import ProcessPart
+
+    files = prepare_mnist1d(mnist1d_dir)
+    cfg = _trainer_config([f"data.train={files['h5_train']}", "data.source=h5", "data.dataset=null",
+                           "data.source_options={rdcc_nbytes: 0, rdcc_nslots: 11}"]).data
+    train, _ = build_sources(cfg, ProcessPart())
+    assert train._cache_opts == {"rdcc_nbytes": 0, "rdcc_nslots": 11, "rdcc_w0": None}  # they reach h5py's open
+    bad = _trainer_config([f"data.train={files['h5_train']}", "data.source=h5", "data.dataset=null",
+                           "data.source_options={rdcc_bytes: 0}"]).data
+    with pytest.raises(ConfigError, match=r"^data.source_options 'rdcc_bytes': H5Source does not take it here "
+                                          r"\(it takes: rdcc_nbytes, rdcc_nslots, rdcc_w0, direct\)$"):
+        build_sources(bad, ProcessPart())

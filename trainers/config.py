@@ -24,7 +24,10 @@ class DataConfig:
 
     ``dataset: mnist1d`` generates MNIST-1D once into ``cache_dir`` (HDF5 and tar
     shards) and fills ``train`` / ``eval`` itself; otherwise give paths (an HDF5 file,
-    or tar shards as a list, glob, brace pattern or YAML shard list).
+    or tar shards as a list, glob, brace pattern or YAML shard list), or a ``module``:
+    a Helios ``DataModule`` whose ``setup()`` builds the sources (then ``dataset``,
+    ``train``, ``eval``, ``source`` and ``source_options`` must be left unset; order and
+    batch size still come from ``batch_size``, ``shuffle`` and the run's ``seed``).
     """
 
     dataset: str | None = None
@@ -41,6 +44,10 @@ class DataConfig:
     shuffle: str = "full"  # full | block | none
     adapter: str = "grain"  # grain | torch
     workers: int = 0
+    # Keyword arguments for the source class, e.g. HDF5's chunk cache: {rdcc_nbytes: 0}
+    source_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # A Helios-style DataModule (module:Class): its train (and valid) datasets are the sources
+    module: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

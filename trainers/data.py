@@ -137,6 +137,26 @@ def _paths(cfg: DataConfig) -> tuple[Any, Any]:
     return (cfg.train or p[f"{kind}_train"]), (cfg.eval or p[f"{kind}_eval"])
 
 
+def _check_options(cls: type, options: dict[str, Any]) -> None:
+    """Refuse ``data.source_options`` the source class does not take, naming them and the ones it does."""
+    import inspect
+
+    from .config import ConfigError
+
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    taken = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(options) - set(taken) | set(options) & {"path", "keys", "rename", "part"})
+    if unknown:
+        allowed = [n for n in taken if n not in ("path", "keys", "rename", "part")]
+        raise ConfigError(f"data.source_options {', '.join(map(repr, unknown))}: {cls.__name__} does not take "
+                          f"{'it' if len(unknown) == 1 else 'them'} here (it takes: {', '.join(allowed) or 'none'})")
+
+
 def _source(cfg: DataConfig, path: Any, part: ProcessPart | None) -> Any:
     cls = source_class(cfg)
     tar = getattr(cls, "data_format", None) == "tar"
@@ -146,7 +166,51 @@ def _source(cfg: DataConfig, path: Any, part: ProcessPart | None) -> Any:
     if keys is None and rename and tar:
         keys = list(rename)  # ATEK's dict_key_mapping: the mapping selects the fields too
     extra = {"part": part} if holds_part(cfg) and part is not None else {}
-    return cls(path, keys=keys, rename=rename, **extra)
+    _check_options(cls, cfg.source_options)
+    return cls(path, keys=keys, rename=rename, **extra, **cfg.source_options)
+
+
+def open_data_module(cfg: DataConfig) -> Any:
+    """The ``data.module`` DataModule, prepared (on the primary process) and set up.
+
+    ``prepare_data()`` runs on process 0 only, the others wait for it; every process
+    then calls ``setup()``. The caller calls ``teardown()`` when training is over.
+    """
+    from . import distributed
+    from .config import ConfigError
+    from .models import import_path
+
+    given = [k for k in ("dataset", "train", "eval") if getattr(cfg, k) is not None]
+    given += ["source_options"] if cfg.source_options else []
+    if given:
+        raise ConfigError(f"data.module {cfg.module!r} builds the sources: leave data.{', data.'.join(given)} unset")
+    try:
+        cls = import_path(cfg.module)
+    except ValueError as e:
+        raise ConfigError(f"data.module: {e}") from None
+    module = cls()
+    if not callable(getattr(module, "setup", None)) or not hasattr(module, "train_dataset"):
+        raise ConfigError(f"data.module {cfg.module!r} is not a DataModule (it needs setup() and train_dataset; "
+                          "subclass adapters.helios.DataModule)")
+    module.is_distributed = distributed.process_count() > 1
+    if distributed.is_primary():
+        module.prepare_data()
+    if distributed.process_count() > 1:
+        distributed.barrier("tandem-data-module-prepared")
+    module.setup()
+    return module
+
+
+def module_sources(cfg: DataConfig, module: Any) -> tuple[Any, Any | None]:
+    """The training source (``train_dataset.dataset``) and evaluation source (``valid_dataset``'s, if any)."""
+    from .config import ConfigError
+
+    train = module.train_dataset
+    if train is None:
+        raise ConfigError(f"data.module {cfg.module!r}: setup() set no training dataset "
+                          "(assign self._train_dataset = self._create_dataset(source, params))")
+    valid = module.valid_dataset
+    return train.dataset, (valid.dataset if valid is not None else None)
 
 
 def build_sources(cfg: DataConfig, part: ProcessPart) -> tuple[Any, Any | None]:

@@ -33,7 +33,7 @@ from loaders import LoaderState, ProcessPart, Sampler
 from . import checkpoints, distributed, parallel
 from .audit import AuditLog, trim_audit
 from .config import Config, ConfigError, OptimizerConfig, ScheduleConfig, resume_changes
-from .data import build_adapter, build_sources, eval_loader, holds_part, to_numpy
+from .data import build_adapter, build_sources, eval_loader, holds_part, module_sources, open_data_module, to_numpy
 from .losses import build_loss
 from .models import build_model, takes_rng
 
@@ -238,11 +238,23 @@ class _StopRequest:
 
 
 # --------------------------------------------------------------------------- pieces of the run
-def build_data(config: Config, devices: list) -> tuple[Any, Any | None, Sampler]:
-    """This process's training source and its sampler, and the evaluation source (or None)."""
+def build_data(config: Config, devices: list, modules: list | None = None) -> tuple[Any, Any | None, Sampler]:
+    """This process's training source and its sampler, and the evaluation source (or None).
+
+    With ``data.module``, the DataModule (set up, appended to ``modules`` for its
+    teardown) gives the sources; a source holding one process's part brings that part.
+    """
     cfg = config.data
-    part = process_part("contiguous" if holds_part(cfg) else "global")
-    train_src, eval_src = build_sources(cfg, part)
+    if cfg.module:
+        module = open_data_module(cfg)
+        if modules is not None:
+            modules.append(module)
+        train_src, eval_src = module_sources(cfg, module)
+        held = getattr(train_src, "part", None) if getattr(train_src, "holds_part", False) else None
+        part = held if held is not None and held.count > 1 else process_part("global")
+    else:
+        part = process_part("contiguous" if holds_part(cfg) else "global")
+        train_src, eval_src = build_sources(cfg, part)
     blocks = None
     if cfg.shuffle == "block":
         blocks = getattr(train_src, "block_starts", None)
@@ -379,7 +391,17 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
     Returns the summary (also written to ``workdir/summary.json``); an interrupted
     run (SIGTERM, Ctrl-C) saves a checkpoint and returns the summary with
     ``"interrupted"`` set to the signal's name (``"SIGTERM"``, ``"SIGINT"``).
+    A ``data.module`` DataModule's ``teardown()`` runs at the end, however the run ends.
     """
+    modules: list = []
+    try:
+        return _train_and_evaluate(config, workdir, fresh, progress, modules)
+    finally:
+        for module in modules:
+            module.teardown()
+
+
+def _train_and_evaluate(config: Config, workdir: str, fresh: bool, progress: bool, modules: list) -> dict[str, Any]:
     t_start = time.time()
     _start_workdir(workdir, fresh)
     cfg, tc = config.data, config.train
@@ -388,7 +410,7 @@ def train_and_evaluate(config: Config, workdir: str, *, fresh: bool = False, pro
     check_resume(mgr, config, workdir)
     devices = parallel.local_devices(tc.devices)  # fed by this process
     spanned = parallel.global_devices(tc.devices)  # what pmap's collectives span: every process's devices
-    train_src, eval_src, sampler = build_data(config, devices)
+    train_src, eval_src, sampler = build_data(config, devices, modules)
     total = tc.steps if tc.steps is not None else (tc.epochs or 1) * sampler.steps_per_epoch
     latest = mgr.latest_step()
     if latest is not None and latest > total:
