@@ -370,7 +370,8 @@ def create_native_atek_dataloader(
     ``nodesplitter``: the :class:`ProcessPart` of this node (default: one node, or the
     ``torch.distributed`` rank and world size when initialized). ``dict_key_mapping``
     selects *and* renames fields, as in ATEK. ``batch_size=None`` yields single samples.
-    ``repeat_flag`` loops forever; ``shuffle_flag`` shuffles every epoch from ``seed``.
+    ``repeat_flag`` repeats within one ``for`` loop, forever, each epoch reshuffled with
+    ``shuffle_flag`` (from ``seed``); without it each ``for`` loop is one epoch.
     """
     if nodesplitter is None:
         dist = torch.distributed
@@ -392,7 +393,8 @@ def create_native_atek_dataloader(
     if batch_size is None:
         def collate(records):  # noqa: E306 - ATEK's batch_size=None: one sample at a time
             return records[0]
-    return TorchLoader(source, sampler, num_workers=num_workers, collate=collate)
+    # repeat_flag: ATEK repeats within one loop (webdataset's .repeat()): one endless stream
+    return TorchLoader(source, sampler, num_workers=num_workers, collate=collate, per_epoch=not repeat_flag)
 
 
 def __getattr__(name: str) -> Any:

@@ -277,6 +277,14 @@ def test_atek_style_factory(request, records):
     sevens = list(create_native_atek_dataloader(shards, dict_key_mapping={"cls": "label"}, batch_size=7))
     assert [len(b["label"]) for b in sevens] == [7] * 42 + [6] and set(sevens[-1]) == {"label"}
     assert sorted(int(v) for b in sevens for v in b["label"]) == sorted(records[1].tolist())
+    repeated = create_native_atek_dataloader(shards, dict_key_mapping={"cls": "label"}, batch_size=100, repeat_flag=True,
+                                             shuffle_flag=True)
+    seen = []
+    for batch in repeated:  # ATEK's repeat_flag: one loop runs on past the epoch
+        seen.append(sorted(batch["label"].tolist()))
+        if len(seen) == 7:
+            break
+    assert len(seen) == 7 and sorted(sum(seen[:3], [])) == sorted(records[1].tolist())
     single = create_native_atek_dataloader(shards, data_transform_fn=lambda s: {"cls": s["cls"] + 100})
     first = next(iter(single))
     assert first == {"cls": int(records[1][0]) + 100}
