@@ -304,7 +304,9 @@ class TorchLoader(StepAdapter):
             # In-process, a DataLoader would only call dataset[step] for each step, adding
             # ~15 us of bookkeeping per batch (measured): do just that.
             steps = range(start, stop) if stop is not None else itertools.count(start)
-            batches = map(to_torch, map(self.dataloader.dataset.read, steps))
+            dataset = self.dataloader.dataset
+            trims = not (dataset.pad_last or self.loader.sampler.drop_remainder)
+            batches = map(to_torch, map(dataset.read if trims else self.loader.get_batch, steps))
             return map(self._pinned, batches) if self._pin else batches
         sampler = self.dataloader.sampler
         sampler.start, sampler.stop = start, stop
