@@ -347,21 +347,36 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The resolved :class:`Config`: file (with ``extends``) < dotted overrides.
+def load_config(path: str | dict[str, Any] | None = None,
+                overrides: list[str] | tuple[str, ...] | dict[str, Any] = ()) -> Config:
+    """The resolved :class:`Config`: file (with ``extends``) < overrides.
 
-    Nested mappings merge key by key (``model.kwargs.channels=25`` keeps the other
-    kwargs); a mapping tagged ``!replace`` replaces the one below it whole, in a file
+    ``path`` is a YAML file, or a dict in the same form (its ``extends`` names files
+    relative to the working directory). ``overrides`` are ``dotted.key=value`` strings or
+    a nested dict, deep-merged over it (AXOL1TL's ``main(slave={...})``). Nested mappings
+    merge key by key (``model.kwargs.channels=25`` keeps the other kwargs); a mapping
+    tagged ``!replace`` replaces the one below it whole, in a file
     (``kwargs: !replace {hidden: [64]}``) or an override (``'model.kwargs=!replace {hidden: [64]}'``).
     """
-    doc = read_yaml(path) if path else {}
-    for o in overrides:
-        doc = apply_override(doc, o)
+    if isinstance(path, dict):
+        doc = dict(path)
+        raw = doc.pop("extends", None)
+        merged: dict[str, Any] = {}
+        for base in [raw] if isinstance(raw, str) else raw or []:
+            merged = _merge(merged, read_yaml(base))
+        doc, where = _merge(merged, doc), "config"
+    else:
+        doc, where = (read_yaml(path) if path else {}), path or "config"
+    if isinstance(overrides, dict):
+        doc = _merge(doc, overrides)
+    else:
+        for o in overrides:
+            doc = apply_override(doc, o)
     doc = _plain(doc)
     try:
         return _build(Config, doc)
     except ConfigError as e:
-        raise ConfigError(f"{path or 'config'}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
 
 
 _UNSET = object()

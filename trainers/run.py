@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m trainers.run",
         description="Train a Tandem config. Running again in the same workdir resumes from its latest checkpoint.",
     )
-    parser.add_argument("config", help="YAML config file (may 'extends: base.yaml')")
+    parser.add_argument("config", nargs="?", default=None,
+                        help="YAML config file (may 'extends: base.yaml'); none: the built-in default, configs/mnist1d_cnn.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=100 data.adapter=torch")
     parser.add_argument("--workdir", default=None, help="run folder (default: runs/<config name>)")
     parser.add_argument("--fresh", action="store_true", help="ignore and delete this workdir's checkpoints; start over")
@@ -41,8 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 <pid>: every thread's stack, on stderr
 
+    from . import DEFAULT_CONFIG
     from .config import ConfigError, load_config
 
+    if args.config is not None and "=" in args.config and not os.path.exists(args.config):
+        args.overrides, args.config = [args.config, *args.overrides], None  # only overrides were given
+    if args.config is None:
+        args.config = DEFAULT_CONFIG
+        print(f"no config given: running the built-in default, {os.path.relpath(DEFAULT_CONFIG)} "
+              "(MNIST-1D, 1-D CNN)", flush=True)
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as e:
