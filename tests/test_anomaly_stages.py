@@ -124,24 +124,26 @@ def test_complete_and_lite_files_read_back(tmp_path):
     bg, sig = rng.exponential(size=2000), rng.exponential(3.0, size=200)
     table = score_table(bg, {"resonance": sig}, [1, 10])
     weights = {"encoder": {"layers_0": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}}
-    paths = store(str(tmp_path), config={"model": {"name": "vae"}}, table=table,
+    paths = store(str(tmp_path), config={"model": {"name": "vae"}}, tables={"ad_score": table},
                   facts={"steps": 400, "params_sha256": "ab" * 32, "wall_s": 12.5},
                   history=[{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "lr": 1e-3}],
                   preprocessing={"normalization": {"kind": "standard", "offset": np.zeros(3), "scale": np.ones(3)},
                                  "quantization": {"total_bits": 8, "integer_bits": 3}},
-                  scores={"background": bg, "resonance": sig}, weights=weights)
+                  scores={"ad_score": {"background": bg, "resonance": sig}}, weights=weights)
     complete, lite = load(paths["complete"]), load(paths["lite"])
     assert complete["config"] == lite["config"] == {"model": {"name": "vae"}}
     assert complete["steps"] == lite["steps"] == 400 and lite["params_sha256"] == "ab" * 32
-    np.testing.assert_array_equal(lite["thresholds"]["thresholds"], table["thresholds"])
-    np.testing.assert_array_equal(lite["signals"]["resonance"]["efficiency"], table["signals"]["resonance"]["efficiency"])
-    assert lite["signals"]["resonance"]["auc"] == table["signals"]["resonance"]["auc"]
-    np.testing.assert_array_equal(complete["scores"]["background"], bg)
+    result = lite["results"]["ad_score"]
+    np.testing.assert_array_equal(result["thresholds"], table["thresholds"])
+    np.testing.assert_array_equal(result["signals"]["resonance"]["efficiency"], table["signals"]["resonance"]["efficiency"])
+    assert result["signals"]["resonance"]["auc"] == table["signals"]["resonance"]["auc"]
+    assert result["total_rate_khz"] == LHC_RATE_KHZ and result["background_events"] == 2000
+    np.testing.assert_array_equal(complete["scores"]["ad_score"]["background"], bg)
     np.testing.assert_array_equal(complete["weights"]["encoder"]["layers_0"]["kernel"], np.ones((3, 2)))
     np.testing.assert_array_equal(complete["history"]["loss"], [2.0, 1.5])
     assert np.isnan(complete["history"]["lr"][0]) and complete["preprocessing"]["quantization"]["total_bits"] == 8
     with h5py.File(paths["lite"]) as f:
-        assert set(f) == {"signals", "thresholds"}  # small: no scores, weights or history
+        assert set(f) == {"results"}  # small: no scores, weights or history
     assert os.path.getsize(paths["lite"]) < 16_000 < os.path.getsize(paths["complete"])
 
 
@@ -156,8 +158,9 @@ def _report(tmp_path):
         "Score distributions": plots.score_histograms(bg, {"resonance": sig}, str(tmp_path / "h.png")),
         "ROC": plots.roc_curves(bg, {"resonance": sig}, str(tmp_path / "r.png")),
     }
-    page = render_html(title="VAE <test> run", facts={"steps": 400, "params SHA-256": "ab" * 32}, table=table,
-                       figures=figures, config={"model": {"name": "vae"}})
+    page = render_html(title="VAE <test> run", facts={"steps": 400, "params SHA-256": "ab" * 32},
+                       tables={"reconstruction": table}, figures=figures, config={"model": {"name": "vae"}},
+                       summary=[["reconstruction", "resonance", f"{table['signals']['resonance']['auc']:.4f}"]])
     return write_html(str(tmp_path / "report.html"), page), table
 
 

@@ -20,11 +20,11 @@ def main(config: str | dict[str, Any] | None = None, overrides: dict[str, Any] |
 
     ``workdir`` defaults to ``runs/<config file name>`` (``runs/config`` for a dict).
     """
+    from .anomaly.pipeline import run_pipeline
     from .config import load_config
-    from .train import train_and_evaluate
 
     path = DEFAULT_CONFIG if config is None else config
     cfg = load_config(path, overrides or ())
     if workdir is None:
         workdir = os.path.join("runs", os.path.splitext(os.path.basename(path))[0] if isinstance(path, str) else "config")
-    return train_and_evaluate(cfg, workdir, fresh=fresh, progress=progress)
+    return run_pipeline(cfg, workdir, fresh=fresh, progress=progress)

@@ -109,14 +109,77 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """AXOL1TL's data preparation, run before training when ``source`` is set; the prepared
+    train and validation files then feed ``data`` (a re-run with the same inputs and settings
+    reuses them: they are cached by a hash of both).
+
+    ``source``: ``mnist1d`` (the built-in MNIST-1D, train and test together) or a raw HDF5
+    file; ``features`` its dataset of events (rows) x features, ``labels`` the dataset whose
+    values pick the ``background`` (a list of values; default: every value no signal takes)
+    and each signal. ``signals``: ``{name: [label values]}`` or ``{name: other_file.h5}`` (every
+    row of that file's ``features`` dataset is that signal). The background is shuffled by
+    ``seed`` and split by ``split`` (train, validation, test fractions).
+
+    Per feature, in this order: ``saturation`` ``{maxima: x or [x per feature], flag: bool}``
+    clips values to +-maxima (``flag`` stores which events saturated); ``normalization``
+    (``standard``: mean/std, ``robust``: median/IQR, ``none``), fitted on the training split
+    only; ``quantization`` ``{total_bits, integer_bits}`` rounds to the fixed-point grid
+    firmware uses, saturating at its range.
+    """
+
+    source: str | None = None
+    features: str = "x"
+    labels: str | None = "y"
+    feature_names: list[str] | None = None
+    background: list[Any] | None = None
+    signals: dict[str, Any] = dataclasses.field(default_factory=dict)
+    split: list[float] = dataclasses.field(default_factory=lambda: [0.6, 0.1, 0.3])
+    seed: int = 0
+    saturation: dict[str, Any] | None = None
+    normalization: str = "standard"  # standard | robust | none
+    quantization: dict[str, Any] | None = None
+    cache_dir: str | None = None  # default: data.cache_dir, else $TANDEM_CACHE_DIR/datasets
+
+
+@dataclasses.dataclass(frozen=True)
+class AnomalyConfig:
+    """AXOL1TL's stages after training (``enabled``; needs ``prepare``): anomaly scores of the
+    background test set and every signal, thresholds at target rates, efficiencies, ROC
+    AUC, plots, ``complete.h5`` / ``lite.h5`` and the HTML (and PDF) report, all in the workdir.
+
+    ``scores``: ``reconstruction`` (mean squared error per event), ``reconstruction_mae``,
+    ``ad_score`` (sum of squared latent means, the firmware's score), ``kl`` (the latent's KL
+    divergence), or ``module:function`` taking ``(outputs, x)`` and returning one score per
+    event. ``rates_khz``: target trigger rates; ``total_rate_khz``: the input rate (default:
+    the LHC's filled bunch crossings, 28,552 kHz). ``baselines``: ``[isolation_forest]``
+    fits scikit-learn's IsolationForest on the same training split for comparison.
+    Changing these settings never changes training, so a resumed run may.
+    """
+
+    enabled: bool = False
+    scores: list[str] = dataclasses.field(default_factory=lambda: ["reconstruction", "ad_score"])
+    rates_khz: list[float] = dataclasses.field(default_factory=lambda: [1.0, 5.0, 10.0, 100.0, 1000.0])
+    total_rate_khz: float = 40_000 * 2_544 / 3_564
+    batch_size: int = 4096
+    baselines: list[str] = dataclasses.field(default_factory=list)
+    plots: bool = True
+    store: bool = True
+    report: bool = True
+    pdf: bool = True  # print report.html to report.pdf with headless Chromium (skipped with a warning if absent)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     seed: int = 0
+    prepare: PrepareConfig = dataclasses.field(default_factory=PrepareConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    anomaly: AnomalyConfig = dataclasses.field(default_factory=AnomalyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,6 +193,7 @@ CHOICES = {
     ("data", "shuffle"): ("full", "block", "none"),
     ("data", "adapter"): ("grain", "torch"),
     ("schedule", "name"): ("constant", "warmup_cosine", "cosine_restarts"),
+    ("prepare", "normalization"): ("standard", "robust", "none"),
 }
 
 
@@ -174,6 +238,9 @@ RANGES = {
     ("train", "keep_checkpoints"): Range(1),
     ("train", "log_every"): Range(1),
     ("train", "devices"): Range(1),
+    ("prepare", "seed"): Range(0, 2**63 - 1),
+    ("anomaly", "total_rate_khz"): Range(0, low_open=True),
+    ("anomaly", "batch_size"): Range(1),
 }
 # What a resumed run may change: settings that alter neither the train state nor the training data and its order.
 # Every other difference from the checkpoint's config is refused (see resume_changes).
@@ -181,6 +248,7 @@ RESUMABLE = frozenset({
     "train.steps", "train.epochs", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.log_every", "train.devices", "train.audit", "data.adapter", "data.workers", "data.eval_batch_size",
 })
+RESUMABLE_SECTIONS = ("anomaly.",)  # every setting under these: the stages after training
 
 
 def _choices(section: str, key: str) -> tuple[str, ...] | None:
@@ -405,5 +473,6 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list
         a, b = old.get(key, defaults.get(key, _UNSET)), new.get(key, _UNSET)
         if a != b:
             a_text, b_text = ("(unset)" if v is _UNSET else json.dumps(v) for v in (a, b))
-            (allowed if key in RESUMABLE else refused).append(f"{key}: {a_text} -> {b_text}")
+            ok = key in RESUMABLE or key.startswith(RESUMABLE_SECTIONS)
+            (allowed if ok else refused).append(f"{key}: {a_text} -> {b_text}")
     return refused, allowed

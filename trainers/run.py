@@ -2,7 +2,9 @@
 
 Parses the command line, joins a multi-process run when told to (``--coordinator``,
 ``--num-processes``, ``--process-id``; or ``--distributed`` to let JAX detect SLURM,
-Open MPI or a TPU pod), and calls :func:`trainers.train.train_and_evaluate`.
+Open MPI or a TPU pod), and calls :func:`trainers.anomaly.pipeline.run_pipeline`: the
+config's ``prepare`` stage if it has one, :func:`trainers.train.train_and_evaluate`, then the
+anomaly-detection stages if ``anomaly.enabled``.
 """
 
 from __future__ import annotations
@@ -67,15 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from .train import train_and_evaluate
+    from .anomaly.pipeline import run_pipeline
 
     multi = launch.wanted and distributed.process_count() > 1
     label = distributed.process_label() if multi else ""
     try:
-        summary = train_and_evaluate(config, workdir, fresh=args.fresh, progress=not args.no_progress)
+        summary = run_pipeline(config, workdir, fresh=args.fresh, progress=not args.no_progress)
     except ConfigError as e:  # e.g. resuming a checkpoint with a config that changes its state or data
         code, message = 2, str(e)
-    except (FloatingPointError, ValueError, KeyError) as e:
+    except (FloatingPointError, ValueError, KeyError, FileNotFoundError) as e:
         code, message = 1, str(e)
     except BaseException as e:
         if not multi:
@@ -98,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done: {summary['steps']} steps in {summary['wall_time_s']} s; {ev}")
     print(f"params sha256 {summary['params_sha256']}")
     print(f"wrote {os.path.join(summary['workdir'], 'summary.json')}, metrics.jsonl, config.yaml, checkpoints/")
+    if "anomaly" in summary:
+        best = ", ".join(f"{name} {auc:.4f} ({kind})" for name, (kind, auc) in summary["anomaly"]["best_auc"].items())
+        print(f"best ROC AUC per signal: {best}")
+        print("wrote " + ", ".join(os.path.relpath(p) for p in summary["anomaly"]["files"].values()))
+    if "stages" in summary:
+        print("stages (s): " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in summary["stages"].items())
+              + f"; the stages around training add {100 * summary['pipeline_overhead']:.1f}% to its wall time")
     return 0
 
 

@@ -34,7 +34,7 @@ from . import checkpoints, distributed, parallel
 from .audit import AuditLog, trim_audit
 from .config import Config, ConfigError, OptimizerConfig, ScheduleConfig, resume_changes
 from .data import build_adapter, build_sources, eval_loader, holds_part, module_sources, open_data_module, to_numpy
-from .losses import build_loss
+from .losses import build_loss, takes_step
 from .models import build_model, takes_rng
 
 MAX_AHEAD = 16  # steps the loop may dispatch ahead of the devices
@@ -89,7 +89,9 @@ def initial_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int
 
 
 def make_train_step(graphdef, tx, loss_fn: Callable, pass_rng: bool) -> Callable:
-    """``train_step(state, batch) -> (state, metrics)``, gradients averaged over devices."""
+    """``train_step(state, batch) -> (state, metrics)``, gradients averaged over devices. A loss that
+    takes ``step`` (see :func:`trainers.losses.build_loss`) gets the step being trained."""
+    with_step = takes_step(loss_fn)
 
     def train_step(state, batch):
         rng = jax.random.fold_in(jax.random.fold_in(state["rng"], state["step"]), parallel.device_index())
@@ -98,7 +100,7 @@ def make_train_step(graphdef, tx, loss_fn: Callable, pass_rng: bool) -> Callable
         def loss_of(params):
             model = nnx.merge(graphdef, params)
             outputs = model(batch["x"], rng=rng) if pass_rng else model(batch["x"])
-            return loss_fn(outputs, batch)
+            return loss_fn(outputs, batch, step=state["step"]) if with_step else loss_fn(outputs, batch)
 
         (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
         metrics = {"loss": loss, **metrics}  # the loop watches "loss" (finite?) even if a custom loss leaves it out

@@ -32,6 +32,8 @@ thead { background: #eee; }
 .figs img { width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: .85em; color: #555; }
 pre { background: #f6f6f6; padding: .8em; overflow-x: auto; font-size: .8em; }
+.pair { display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; }
+h3 { font-size: 1em; margin: 1em 0 .2em; }
 @media print { .figs figure { break-inside: avoid; } }
 """
 
@@ -49,26 +51,36 @@ def _figure(path: str, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def render_html(*, title: str, facts: Mapping[str, Any], table: Mapping[str, Any], figures: Mapping[str, str],
-                config: Mapping[str, Any]) -> str:
-    """The report page as one HTML string: run facts, thresholds, efficiencies, figures, config."""
+def _score_section(score: str, table: Mapping[str, Any]) -> str:
     rates = table["rates_khz"]
-    thresholds = _table(["target rate (kHz)", "threshold"], [[f"{r:g}", f"{t:.6g}"] for r, t in zip(rates, table["thresholds"],
-                                                                                                       strict=True)])
+    thresholds = _table(["target rate (kHz)", "threshold"],
+                        [[f"{r:g}", f"{t:.6g}"] for r, t in zip(rates, table["thresholds"], strict=True)])
     eff_rows = [[name, s["events"], f"{s['auc']:.4f}", *[f"{100 * e:.2f}%" for e in s["efficiency"]]]
                 for name, s in table["signals"].items()]
     efficiencies = _table(["signal", "events", "ROC AUC", *[f"eff. @ {r:g} kHz" for r in rates]], eff_rows)
+    return (f"<h3>{html.escape(score)}</h3><div class=\"pair\"><div>{thresholds}</div><div>{efficiencies}</div></div>")
+
+
+def render_html(*, title: str, facts: Mapping[str, Any], tables: Mapping[str, Mapping[str, Any]],
+                figures: Mapping[str, str], config: Mapping[str, Any], summary: Sequence[Sequence[Any]] = ()) -> str:
+    """The report page as one HTML string: run facts, a summary table (``summary`` rows: score,
+    signal, AUC, ...), thresholds and efficiencies per score kind (``tables``: ``{score kind:
+    score_table(...)}``), the figures (``{caption: PNG path}``, embedded) and the config."""
     fact_rows = _table(["fact", "value"], [[k, v] for k, v in facts.items()])
+    first = next(iter(tables.values()), None)
+    rate_note = (f"<p>Total input rate {first['total_rate_khz']:g} kHz; background test events: "
+                 f"{first['background_events']}.</p>") if first else "<p>No scores were computed for this run.</p>"
+    sections = "".join(_score_section(score, table) for score, table in tables.items())
+    best = _table(["score", "signal", "ROC AUC"], summary) if summary else ""
     figs = "".join(_figure(path, caption) for caption, path in figures.items())
     cfg = html.escape(json.dumps(config, indent=2, sort_keys=True, default=str))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<h2>Run</h2>{fact_rows}
-<h2>Thresholds</h2><p>Total input rate {table['total_rate_khz']:g} kHz; background events: {table['background_events']}.</p>
-{thresholds}
-<h2>Signal efficiencies</h2>{efficiencies}
+<div class="pair"><div><h2>Run</h2>{fact_rows}</div><div><h2>Best AUC per signal</h2>{best}</div></div>
+<h2>Thresholds and signal efficiencies</h2>{rate_note}
+{sections}
 <h2>Figures</h2><div class="figs">{figs}</div>
 <h2>Configuration</h2><pre>{cfg}</pre>
 </body></html>

@@ -4,14 +4,16 @@
 what a summary needs (kilobytes). Layout (every array a dataset, every scalar or text an
 attribute, nested dicts as groups):
 
-- ``/`` attributes: ``config`` (the resolved config as JSON), ``params_sha256``, ``steps``
-  and every other run fact given as ``facts``.
-- ``/thresholds``: datasets ``rates_khz``, ``thresholds`` and attribute ``total_rate_khz``.
-- ``/signals/<name>``: datasets ``efficiency`` (one per rate), attributes ``auc``, ``events``.
+- ``/`` attributes: ``config`` (the resolved config as JSON), ``kind`` (``complete`` or
+  ``lite``), ``params_sha256``, ``steps`` and every other run fact given as ``facts``.
+- ``/results/<score>`` (one group per score kind, e.g. ``reconstruction``, ``ad_score``):
+  datasets ``rates_khz`` and ``thresholds`` (one per rate), attributes ``total_rate_khz``
+  and ``background_events``; ``/results/<score>/signals/<name>``: dataset ``efficiency``
+  (one per rate), attributes ``auc`` and ``events``.
 - complete only: ``/history/<metric>`` (one value per logged step, with ``step``),
   ``/preprocessing/...`` (saturation maxima, normalization offset/scale, bit widths),
-  ``/scores/<dataset>`` (the score of every event), ``/weights/<module path>`` (the model's
-  parameters, path components joined by ``/``).
+  ``/scores/<score>/<dataset>`` (the score of every event), ``/weights/<module path>`` (the
+  model's parameters, path components joined by ``/``).
 """
 
 from __future__ import annotations
@@ -40,13 +42,15 @@ def _history_columns(history: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarr
     return {k: np.array([h.get(k, np.nan) for h in history], dtype=np.float64) for k in keys}
 
 
-def store(folder: str, *, config: Mapping[str, Any], table: Mapping[str, Any], facts: Mapping[str, Any],
+def store(folder: str, *, config: Mapping[str, Any], tables: Mapping[str, Mapping[str, Any]], facts: Mapping[str, Any],
           history: Sequence[Mapping[str, Any]] = (), preprocessing: Mapping[str, Any] | None = None,
-          scores: Mapping[str, np.ndarray] | None = None, weights: Mapping[str, Any] | None = None) -> dict[str, str]:
+          scores: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+          weights: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Write ``complete.h5`` and ``lite.h5`` into ``folder`` (each atomically); returns their paths.
 
-    ``table`` is :func:`trainers.anomaly.scores.score_table`'s dict; ``facts`` run facts
-    (steps, wall time, params SHA-256, ...); ``weights`` a nested dict of arrays.
+    ``tables``: ``{score kind: score_table(...)}`` (:func:`trainers.anomaly.scores.score_table`);
+    ``facts``: run facts (steps, wall time, params SHA-256, ...); ``scores``: ``{score kind:
+    {dataset: per-event scores}}``; ``weights``: a nested dict of arrays.
     """
     import h5py
 
@@ -59,22 +63,26 @@ def store(folder: str, *, config: Mapping[str, Any], table: Mapping[str, Any], f
             f.attrs["config"] = json.dumps(config, sort_keys=True, default=str)
             f.attrs["kind"] = kind
             _write_tree(f, {k: v for k, v in facts.items()})
-            th = f.create_group("thresholds")
-            th.attrs["total_rate_khz"] = table["total_rate_khz"]
-            th.create_dataset("rates_khz", data=np.asarray(table["rates_khz"], dtype=np.float64))
-            th.create_dataset("thresholds", data=np.asarray(table["thresholds"], dtype=np.float64))
-            sig = f.create_group("signals")
-            for name, s in table["signals"].items():
-                g = sig.create_group(name)
-                g.create_dataset("efficiency", data=np.asarray(s["efficiency"], dtype=np.float64))
-                g.attrs["auc"], g.attrs["events"] = s["auc"], s["events"]
+            results = f.create_group("results")
+            for score, table in tables.items():
+                g = results.create_group(score)
+                g.attrs["total_rate_khz"] = table["total_rate_khz"]
+                g.attrs["background_events"] = table["background_events"]
+                g.create_dataset("rates_khz", data=np.asarray(table["rates_khz"], dtype=np.float64))
+                g.create_dataset("thresholds", data=np.asarray(table["thresholds"], dtype=np.float64))
+                sig = g.create_group("signals")
+                for name, s in table["signals"].items():
+                    h = sig.create_group(name)
+                    h.create_dataset("efficiency", data=np.asarray(s["efficiency"], dtype=np.float64))
+                    h.attrs["auc"], h.attrs["events"] = s["auc"], s["events"]
             if kind == "complete":
                 if history:
                     _write_tree(f.create_group("history"), _history_columns(history))
                 if preprocessing:
                     _write_tree(f.create_group("preprocessing"), preprocessing)
                 if scores:
-                    _write_tree(f.create_group("scores"), {k: np.asarray(v) for k, v in scores.items()})
+                    _write_tree(f.create_group("scores"),
+                                {k: {d: np.asarray(v) for d, v in per.items()} for k, per in scores.items()})
                 if weights:
                     _write_tree(f.create_group("weights"), weights)
         os.replace(tmp, path)
