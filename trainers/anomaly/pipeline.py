@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -86,16 +87,27 @@ def run_pipeline(config: Config, workdir: str, *, fresh: bool = False, progress:
         how = "reused" if prepared.cached else "prepared"
         print(f"prepare: {how} {prepared.folder} ({', '.join(f'{k} {v}' for k, v in prepared.constants['events'].items())} "
               f"events) in {t_prepare:.1f} s", flush=True)
+    # The work after training that needs no trained model (baselines, the input plots) runs in a
+    # process of its own while training runs; training itself is not touched.
+    early = _start_early(config, prepared, workdir) if config.anomaly.enabled and distributed.is_primary() else None
     t1 = time.perf_counter()
-    summary = train_and_evaluate(config, workdir, fresh=fresh, progress=progress)
-    t_train = time.perf_counter() - t1
-    if summary.get("interrupted"):
-        return summary
-    stages = {"prepare_s": round(t_prepare, 3), "train_s": round(t_train, 3)}
-    if config.anomaly.enabled and distributed.is_primary():
-        result = evaluate_run(workdir, config=config, prepared=prepared, summary=summary, progress=progress,
-                              stages=stages)
-        summary["anomaly"] = result
+    try:
+        summary = train_and_evaluate(config, workdir, fresh=fresh, progress=progress)
+        t_train = time.perf_counter() - t1
+        if summary.get("interrupted"):
+            return summary
+        stages = {"prepare_s": round(t_prepare, 3), "train_s": round(t_train, 3)}
+        if config.anomaly.enabled and distributed.is_primary():
+            t2 = time.perf_counter()
+            done = early.result() if early is not None else None
+            stages["early_wait_s"] = round(time.perf_counter() - t2, 3)  # waiting for what ran beside training
+            result = evaluate_run(workdir, config=config, prepared=prepared, summary=summary, progress=progress,
+                                  stages=stages, early=done)
+            summary["anomaly"] = result
+    finally:
+        if early is not None:
+            early.cancel()
+            early.executor.shutdown(wait=True)
     if distributed.is_primary() and (prepared is not None or config.anomaly.enabled):
         summary["stages"] = stages
         overhead = sum(v for k, v in stages.items() if k != "train_s")
@@ -167,7 +179,7 @@ def model_outputs(graphdef: Any, params: Any, x: np.ndarray, batch_size: int = 4
     so one compiled shape serves every batch)."""
     apply = _outputs_fn(graphdef)
     n = len(x)
-    size = min(batch_size, max(n, 1))
+    size = batch_size
     parts: dict[str, list[np.ndarray]] = {}
     for a in range(0, n, size):
         chunk = x[a : a + size]
@@ -227,6 +239,43 @@ def _history(workdir: str) -> list[dict[str, Any]]:
     return rows
 
 
+def early_work(prepared: Prepared, workdir: str, seed: int, baselines: list[str], plots: bool) -> dict[str, Any]:
+    """The stages' work that needs no trained model: the baselines' scores (``{name: {set: scores}}``)
+    and the input-distribution figure. :func:`run_pipeline` runs it in another process during training."""
+    out: dict[str, Any] = {"baselines": {}, "figures": {}}
+    if "isolation_forest" in baselines:
+        sets = {"background": _read_x(prepared.test), **{k: _read_x(p) for k, p in prepared.signals.items()}}
+        forest = _isolation_forest(_read_x(prepared.train), sets, seed)
+        if forest is not None:
+            out["baselines"]["isolation_forest (baseline)"] = forest
+    if plots:
+        out["figures"] = input_figure(workdir, prepared)
+    return out
+
+
+class _Early:
+    """:func:`early_work` in a process of its own (spawned: the parent has JAX's threads running)."""
+
+    def __init__(self, *args: Any) -> None:
+        import concurrent.futures
+        import multiprocessing
+
+        self.executor = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        self.future = self.executor.submit(early_work, *args)
+
+    def result(self) -> dict[str, Any]:
+        return self.future.result()
+
+    def cancel(self) -> None:
+        self.future.cancel()
+
+
+def _start_early(config: Config, prepared: Prepared | None, workdir: str) -> _Early | None:
+    if prepared is None or not (config.anomaly.baselines or config.anomaly.plots):
+        return None
+    return _Early(prepared, workdir, config.seed, list(config.anomaly.baselines), config.anomaly.plots)
+
+
 def _isolation_forest(train: np.ndarray, sets: Mapping[str, np.ndarray], seed: int) -> dict[str, np.ndarray] | None:
     try:
         from sklearn.ensemble import IsolationForest
@@ -240,11 +289,12 @@ def _isolation_forest(train: np.ndarray, sets: Mapping[str, np.ndarray], seed: i
 
 def evaluate_run(workdir: str, *, config: Config | None = None, prepared: Prepared | None = None,
                  summary: Mapping[str, Any] | None = None, step: int | None = None, progress: bool = True,
-                 stages: dict[str, float] | None = None) -> dict[str, Any]:
+                 stages: dict[str, float] | None = None, early: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Scores -> thresholds and efficiencies -> plots -> ``complete.h5`` / ``lite.h5`` -> report, for the run
     in ``workdir`` at checkpoint ``step`` (default: the latest). ``config`` defaults to the run's
     resolved ``config.yaml``. Returns ``{"step", "best_auc": {signal: [score, auc]}, "files": {...}}``
-    and adds each stage's seconds to ``stages``.
+    and adds each stage's seconds to ``stages``. ``early``: :func:`early_work`'s result, if it ran
+    already (else it runs here).
     """
     from ..config import load_config
 
@@ -261,15 +311,13 @@ def evaluate_run(workdir: str, *, config: Config | None = None, prepared: Prepar
     t = time.perf_counter()
     graphdef, params, step = load_params(workdir, config, step)
     sets = {"background": _read_x(prepared.test), **{k: _read_x(p) for k, p in prepared.signals.items()}}
-    outputs = {k: model_outputs(graphdef, params, v, ac.batch_size) for k, v in sets.items()}
+    size = min(ac.batch_size, max(len(v) for v in sets.values()))  # one compiled shape for every set
+    outputs = {k: model_outputs(graphdef, params, v, size) for k, v in sets.items()}
     weights = config.loss.kwargs.get("feature_weights")
     per_score = {kind: {k: event_scores(kind, outputs[k], v, weights) for k, v in sets.items()} for kind in ac.scores}
-    train_x = None
-    if "isolation_forest" in ac.baselines:
-        train_x = _read_x(prepared.train)
-        forest = _isolation_forest(train_x, sets, config.seed)
-        if forest is not None:
-            per_score["isolation_forest (baseline)"] = forest
+    if early is None:
+        early = early_work(prepared, workdir, config.seed, list(ac.baselines), ac.plots)
+    per_score.update(early["baselines"])
     tables = {}
     for kind, by_set in per_score.items():
         signals = {k: v for k, v in by_set.items() if k != "background"}
@@ -291,7 +339,7 @@ def evaluate_run(workdir: str, *, config: Config | None = None, prepared: Prepar
     figures: dict[str, str] = {}
     if ac.plots:
         t = time.perf_counter()
-        figures = make_plots(workdir, tables, per_score, history, prepared, train_x)
+        figures = {**make_plots(workdir, tables, per_score, history), **early["figures"]}
         stages["plots_s"] = round(time.perf_counter() - t, 3)
     run = dict(summary or _read_summary(workdir))
     facts = _facts(run, step, prepared, stages)
@@ -357,32 +405,46 @@ def _weights(params: Any) -> dict[str, Any]:
 
 
 def make_plots(workdir: str, tables: Mapping[str, Any], per_score: Mapping[str, Mapping[str, np.ndarray]],
-               history: list[dict[str, Any]], prepared: Prepared, train_x: np.ndarray | None) -> dict[str, str]:
-    """Every figure into ``workdir/plots``; returns ``{caption: path}``."""
-    import h5py
-
+               history: list[dict[str, Any]]) -> dict[str, str]:
+    """The figures of the scores and of training into ``workdir/plots``; returns ``{caption: path}``."""
     from . import plots
 
     folder = os.path.join(workdir, "plots")
     figures: dict[str, str] = {}
     for kind, by_set in per_score.items():
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in kind).strip("_")
+        safe = re.sub(r"[^A-Za-z0-9-]+", "_", kind).strip("_")  # a file name, whatever the score's import path
         table = tables[kind]
         signals = {k: v for k, v in by_set.items() if k != "background"}
         lines = dict(zip(table["rates_khz"], table["thresholds"], strict=True))
         figures[f"{kind}: score distributions"] = plots.score_histograms(
             by_set["background"], signals, os.path.join(folder, f"scores_{safe}.png"), lines, title=f"Anomaly score: {kind}")
-        figures[f"{kind}: efficiency vs rate"] = plots.efficiency_vs_rate(table, os.path.join(folder, f"efficiency_{safe}.png"))
-        figures[f"{kind}: ROC"] = plots.roc_curves(by_set["background"], signals, os.path.join(folder, f"roc_{safe}.png"))
+    # every score kind on one efficiency figure and one ROC figure
+    first = next(iter(tables.values()))
+    merged = {"rates_khz": first["rates_khz"],
+              "signals": {f"{name}, {kind}": s for kind, t in tables.items() for name, s in t["signals"].items()}}
+    figures["efficiency vs rate"] = plots.efficiency_vs_rate(merged, os.path.join(folder, "efficiency.png"))
+    labelled = {f"{name}, {kind}": (by_set["background"], v) for kind, by_set in per_score.items()
+                for name, v in by_set.items() if name != "background"}
+    figures["ROC"] = plots.roc_curves({k: b for k, (b, _) in labelled.items()}, {k: s for k, (_, s) in labelled.items()},
+                                      os.path.join(folder, "roc.png"))
     if history:
         keys = [k for k in ("loss", "recon", "kl") if any(k in h for h in history)] or None
         figures["training curves"] = plots.training_curves(history, os.path.join(folder, "training.png"), keys)
+    return figures
+
+
+def input_figure(workdir: str, prepared: Prepared) -> dict[str, str]:
+    """Input distributions before and after preparation (training split), into ``workdir/plots``."""
+    import h5py
+
+    from . import plots
+
     with h5py.File(prepared.train, "r") as f:
         n = min(len(f["x"]), 20_000)
         before, after = f["x_raw"][:n], f["x"][:n]
-    figures["inputs before / after preparation"] = plots.input_distributions(
-        before, after, os.path.join(folder, "inputs.png"), prepared.constants.get("feature_names"))
-    return figures
+    path = plots.input_distributions(before, after, os.path.join(workdir, "plots", "inputs.png"),
+                                     prepared.constants.get("feature_names"))
+    return {"inputs before / after preparation": path}
 
 
 def write_report(workdir: str, config: Config, tables: Mapping[str, Any], best: Mapping[str, Any],

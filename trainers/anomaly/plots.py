@@ -25,7 +25,8 @@ def _pyplot():
 def _save(fig: Any, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.tight_layout()  # cheaper than bbox_inches="tight", which draws the figure twice
+    fig.savefig(tmp, dpi=110)
     _pyplot().close(fig)
     os.replace(tmp, path)
     return path
@@ -72,18 +73,20 @@ def efficiency_vs_rate(table: Mapping[str, Any], path: str) -> str:
     return _save(fig, path)
 
 
-def roc_curves(background: np.ndarray, signals: Mapping[str, np.ndarray], path: str) -> str:
-    """ROC curves (signal efficiency vs background efficiency, log x) with each AUC in the legend."""
+def roc_curves(background: np.ndarray | Mapping[str, np.ndarray], signals: Mapping[str, np.ndarray], path: str) -> str:
+    """ROC curves (signal efficiency vs background efficiency, log x) with each AUC in the legend.
+    ``background``: one array for every curve, or ``{label: array}`` with the label of each signal
+    (curves of different scores on one figure)."""
     from .scores import roc_auc
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    b = np.sort(np.ravel(background))[::-1]
     for name, scores in signals.items():
+        b = np.ravel(background[name] if isinstance(background, Mapping) else background)
         s = np.ravel(scores)
         cuts = np.unique(np.quantile(np.r_[b, s], np.linspace(0, 1, 400)))
-        fpr = [(b > c).mean() for c in cuts]
-        tpr = [(s > c).mean() for c in cuts]
+        fpr = (b[None, :] > cuts[:, None]).mean(axis=1)
+        tpr = (s[None, :] > cuts[:, None]).mean(axis=1)
         ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(b, s):.3f})")
     ax.plot([1e-5, 1], [1e-5, 1], linestyle=":", color="grey")
     ax.set_xscale("log")
@@ -91,7 +94,7 @@ def roc_curves(background: np.ndarray, signals: Mapping[str, np.ndarray], path: 
     ax.set_xlabel("background efficiency")
     ax.set_ylabel("signal efficiency")
     ax.set_title("ROC")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -126,8 +129,9 @@ def input_distributions(before: np.ndarray, after: np.ndarray, path: str, names:
     fig, axes = plt.subplots(2, n, figsize=(2.4 * n, 4.2), squeeze=False)
     for j in range(n):
         label = names[j] if names is not None else f"feature {j}"
-        axes[0, j].hist(before[:, j], bins=50, color="tab:blue")
-        axes[1, j].hist(after[:, j], bins=50, color="tab:green")
+        for row, data, color in ((0, before[:, j], "tab:blue"), (1, after[:, j], "tab:green")):
+            counts, edges = np.histogram(data, bins=50)
+            axes[row, j].stairs(counts, edges, fill=True, color=color)
         axes[0, j].set_title(label, fontsize=8)
         for a in axes[:, j]:
             a.set_yscale("log")

@@ -167,6 +167,9 @@ def _raw_sets(cfg: Any, cache_dir: str, progress: bool) -> tuple[dict[str, np.nd
         files = [cfg.source]
     signal_files = {k: v for k, v in cfg.signals.items() if isinstance(v, str)}
     for name, v in cfg.signals.items():
+        if not name or not set(name) <= _NAME_OK or name == "background":
+            raise PrepareError(f"prepare.signals: {name!r} cannot name a signal (letters, digits, '_' and '-' only; "
+                               "not 'background'): it names the signal's file")
         if not isinstance(v, str | list) or isinstance(v, list) and not v:
             raise PrepareError(f"prepare.signals.{name} must be a list of label values or an HDF5 file, got {v!r}")
         if isinstance(v, str) and not os.path.isfile(v):
