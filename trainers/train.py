@@ -380,7 +380,8 @@ def _start_workdir(workdir: str, fresh: bool) -> None:
     if fresh:
         shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
         shutil.rmtree(os.path.join(workdir, "audit"), ignore_errors=True)
-        for name in ("metrics.jsonl", "summary.json"):
+        # and the anomaly pipeline's results, which describe the run being replaced
+        for name in ("metrics.jsonl", "summary.json", "results.json", "complete.h5", "lite.h5", "report.html", "report.pdf"):
             if os.path.exists(os.path.join(workdir, name)):
                 os.remove(os.path.join(workdir, name))
     distributed.barrier("tandem-workdir")

@@ -88,7 +88,7 @@ def run_pipeline(config: Config, workdir: str, *, fresh: bool = False, progress:
         print(f"prepare: {how} {prepared.folder} ({', '.join(f'{k} {v}' for k, v in prepared.constants['events'].items())} "
               f"events) in {t_prepare:.1f} s", flush=True)
     # The work after training that needs no trained model (baselines, the input plots) runs in a
-    # process of its own while training runs; training itself is not touched.
+    # process of its own while training runs, where there are cores to spare; training itself is not touched.
     early = _start_early(config, prepared, workdir) if config.anomaly.enabled and distributed.is_primary() else None
     t1 = time.perf_counter()
     try:
@@ -98,9 +98,11 @@ def run_pipeline(config: Config, workdir: str, *, fresh: bool = False, progress:
             return summary
         stages = {"prepare_s": round(t_prepare, 3), "train_s": round(t_train, 3)}
         if config.anomaly.enabled and distributed.is_primary():
-            t2 = time.perf_counter()
-            done = early.result() if early is not None else None
-            stages["early_wait_s"] = round(time.perf_counter() - t2, 3)  # waiting for what ran beside training
+            done = None
+            if early is not None:
+                t2 = time.perf_counter()
+                done = early.result()
+                stages["early_wait_s"] = round(time.perf_counter() - t2, 3)  # waiting for what ran beside training
             result = evaluate_run(workdir, config=config, prepared=prepared, summary=summary, progress=progress,
                                   stages=stages, early=done)
             summary["anomaly"] = result
@@ -270,8 +272,17 @@ class _Early:
         self.future.cancel()
 
 
+def _cores_to_spare() -> bool:
+    """Whether work beside training gets cores training does not use: with an accelerator, or
+    with 8 or more CPU cores. On a small CPU-only machine training uses every core, and a
+    process beside it slows it by about as much as it saves (measured on 2 cores)."""
+    import jax
+
+    return jax.default_backend() != "cpu" or (os.cpu_count() or 1) >= 8
+
+
 def _start_early(config: Config, prepared: Prepared | None, workdir: str) -> _Early | None:
-    if prepared is None or not (config.anomaly.baselines or config.anomaly.plots):
+    if prepared is None or not (config.anomaly.baselines or config.anomaly.plots) or not _cores_to_spare():
         return None
     return _Early(prepared, workdir, config.seed, list(config.anomaly.baselines), config.anomaly.plots)
 
@@ -315,9 +326,13 @@ def evaluate_run(workdir: str, *, config: Config | None = None, prepared: Prepar
     outputs = {k: model_outputs(graphdef, params, v, size) for k, v in sets.items()}
     weights = config.loss.kwargs.get("feature_weights")
     per_score = {kind: {k: event_scores(kind, outputs[k], v, weights) for k, v in sets.items()} for kind in ac.scores}
+    stages["scores_s"] = round(time.perf_counter() - t, 3)
     if early is None:
+        t = time.perf_counter()
         early = early_work(prepared, workdir, config.seed, list(ac.baselines), ac.plots)
+        stages["baselines_inputs_s"] = round(time.perf_counter() - t, 3)
     per_score.update(early["baselines"])
+    t = time.perf_counter()
     tables = {}
     for kind, by_set in per_score.items():
         signals = {k: v for k, v in by_set.items() if k != "background"}
@@ -329,7 +344,7 @@ def evaluate_run(workdir: str, *, config: Config | None = None, prepared: Prepar
         for name, s in table["signals"].items():
             if name not in best or s["auc"] > best[name][1]:
                 best[name] = [kind, s["auc"]]
-    stages["scores_s"] = round(time.perf_counter() - t, 3)
+    stages["scores_s"] += round(time.perf_counter() - t, 3)
     for kind, table in tables.items():
         print(f"\n{kind} (checkpoint {step}):\n{S.format_table(table)}", flush=True)
     files: dict[str, str] = {"results": os.path.join(workdir, "results.json")}
@@ -342,7 +357,7 @@ def evaluate_run(workdir: str, *, config: Config | None = None, prepared: Prepar
         figures = {**make_plots(workdir, tables, per_score, history), **early["figures"]}
         stages["plots_s"] = round(time.perf_counter() - t, 3)
     run = dict(summary or _read_summary(workdir))
-    facts = _facts(run, step, prepared, stages)
+    facts = _facts(run, step, prepared, stages, history)
     if ac.store:
         t = time.perf_counter()
         from .store import store
@@ -353,7 +368,7 @@ def evaluate_run(workdir: str, *, config: Config | None = None, prepared: Prepar
         stages["store_s"] = round(time.perf_counter() - t, 3)
     if ac.report:
         t = time.perf_counter()
-        files.update(write_report(workdir, config, tables, best, figures, facts, pdf=ac.pdf))
+        files.update(write_report(workdir, config, tables, best, figures, _display(facts, stages), pdf=ac.pdf))
         stages["report_s"] = round(time.perf_counter() - t, 3)
     return {"step": step, "best_auc": best, "files": files}
 
@@ -366,24 +381,46 @@ def _read_summary(workdir: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _facts(run: Mapping[str, Any], step: int, prepared: Prepared, stages: Mapping[str, float]) -> dict[str, Any]:
-    facts: dict[str, Any] = {"checkpoint step": step, "steps trained": run.get("steps", step)}
-    if run.get("params_sha256"):
-        facts["params SHA-256"] = run["params_sha256"]
+def _facts(run: Mapping[str, Any], step: int, prepared: Prepared, stages: Mapping[str, float],
+           history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's facts as stored in ``complete.h5`` / ``lite.h5`` (numbers stay numbers)."""
+    facts: dict[str, Any] = {"checkpoint_step": step, "steps": run.get("steps", step)}
     if run.get("wall_time_s") is not None:
-        facts["training wall time (s)"] = run["wall_time_s"]
-    for k, v in (run.get("final_metrics") or {}).items():
-        if k in ("data_wait_share",):
-            facts["data-wait share"] = f"{100 * v:.2f}%"
-        elif k == "samples_per_s":
-            facts["samples/s"] = f"{v:,.0f}"
-    for k, v in (run.get("eval") or {}).items():
-        facts[k] = f"{v:.5g}"
-    facts["events"] = ", ".join(f"{k} {v}" for k, v in prepared.constants["events"].items())
-    facts["prepared data"] = prepared.folder
-    for k, v in stages.items():
-        facts[f"stage {k[:-2]} (s)"] = v
+        facts["wall_time_s"] = run["wall_time_s"]
+    rows = [h for h in history if "samples_per_s" in h]
+    if rows:
+        facts["samples_per_s"] = float(np.mean([h["samples_per_s"] for h in rows]))
+        facts["data_wait_share"] = float(np.mean([h.get("data_wait_share", 0.0) for h in rows]))
+    if run.get("params_sha256"):
+        facts["params_sha256"] = run["params_sha256"]
+    facts.update({k: float(v) for k, v in (run.get("eval") or {}).items()})
+    facts["events"] = dict(prepared.constants["events"])
+    facts["prepared"] = prepared.folder
     return facts
+
+
+def _display(facts: Mapping[str, Any], stages: Mapping[str, float]) -> dict[str, Any]:
+    """The facts as the report's table shows them."""
+    names = {"checkpoint_step": "checkpoint scored", "steps": "steps trained", "params_sha256": "params SHA-256"}
+    out: dict[str, Any] = {}
+    for k, v in facts.items():
+        if k == "wall_time_s":
+            out["training wall time"] = f"{v:.1f} s"
+        elif k == "samples_per_s":
+            out["samples/s (mean of the log)"] = f"{v:,.0f}"
+        elif k == "data_wait_share":
+            out["data-wait share"] = f"{100 * v:.2f}%"
+        elif k == "events":
+            out["events"] = ", ".join(f"{name} {n}" for name, n in v.items())
+        elif k == "prepared":
+            out["prepared data"] = os.path.basename(v)
+        elif isinstance(v, float):
+            out[k] = f"{v:.5g}"
+        else:
+            out[names.get(k, k)] = v
+    if stages:
+        out["stages (s)"] = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in stages.items())
+    return out
 
 
 def _preprocessing(prepared: Prepared) -> dict[str, Any]:
@@ -411,7 +448,9 @@ def make_plots(workdir: str, tables: Mapping[str, Any], per_score: Mapping[str, 
 
     folder = os.path.join(workdir, "plots")
     figures: dict[str, str] = {}
-    for kind, by_set in per_score.items():
+    ranked = sorted(per_score, key=lambda k: -max(s["auc"] for s in tables[k]["signals"].values()))  # best first
+    for kind in ranked:
+        by_set = per_score[kind]
         safe = re.sub(r"[^A-Za-z0-9-]+", "_", kind).strip("_")  # a file name, whatever the score's import path
         table = tables[kind]
         signals = {k: v for k, v in by_set.items() if k != "background"}
@@ -443,7 +482,7 @@ def input_figure(workdir: str, prepared: Prepared) -> dict[str, str]:
         n = min(len(f["x"]), 20_000)
         before, after = f["x_raw"][:n], f["x"][:n]
     path = plots.input_distributions(before, after, os.path.join(workdir, "plots", "inputs.png"),
-                                     prepared.constants.get("feature_names"))
+                                     prepared.constants.get("feature_names"), features=4)
     return {"inputs before / after preparation": path}
 
 

@@ -28,7 +28,7 @@ th, td { border: 1px solid #bbb; padding: .25em .6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 thead { background: #eee; }
 .figs { display: flex; flex-wrap: wrap; gap: 1em; }
-.figs figure { margin: 0; flex: 1 1 440px; }
+.figs figure { margin: 0; flex: 1 1 400px; max-width: 48%; }
 .figs img { width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: .85em; color: #555; }
 pre { background: #f6f6f6; padding: .8em; overflow-x: auto; font-size: .8em; }
@@ -78,10 +78,10 @@ def render_html(*, title: str, facts: Mapping[str, Any], tables: Mapping[str, Ma
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<div class="pair"><div><h2>Run</h2>{fact_rows}</div><div><h2>Best AUC per signal</h2>{best}</div></div>
+<div class="pair"><div><h2>Best ROC AUC per signal</h2>{best}</div><div><h2>Run</h2>{fact_rows}</div></div>
+<h2>Figures</h2><div class="figs">{figs}</div>
 <h2>Thresholds and signal efficiencies</h2>{rate_note}
 {sections}
-<h2>Figures</h2><div class="figs">{figs}</div>
 <h2>Configuration</h2><pre>{cfg}</pre>
 </body></html>
 """
