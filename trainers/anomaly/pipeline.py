@@ -89,7 +89,8 @@ def run_pipeline(config: Config, workdir: str, *, fresh: bool = False, progress:
               f"events) in {t_prepare:.1f} s", flush=True)
     # The work after training that needs no trained model (baselines, the input plots) runs in a
     # process of its own while training runs, where there are cores to spare; training itself is not touched.
-    early = _start_early(config, prepared, workdir) if config.anomaly.enabled and distributed.is_primary() else None
+    early = _start_early(config, prepared, workdir, beside_training=True) \
+        if config.anomaly.enabled and distributed.is_primary() else None
     t1 = time.perf_counter()
     try:
         summary = train_and_evaluate(config, workdir, fresh=fresh, progress=progress)
@@ -108,8 +109,7 @@ def run_pipeline(config: Config, workdir: str, *, fresh: bool = False, progress:
             summary["anomaly"] = result
     finally:
         if early is not None:
-            early.cancel()
-            early.executor.shutdown(wait=True)
+            early.close()
     if distributed.is_primary() and (prepared is not None or config.anomaly.enabled):
         summary["stages"] = stages
         overhead = sum(v for k, v in stages.items() if k != "train_s")
@@ -268,8 +268,10 @@ class _Early:
     def result(self) -> dict[str, Any]:
         return self.future.result()
 
-    def cancel(self) -> None:
+    def close(self) -> None:
+        """Stop waiting for it (if it still runs, let it finish its atomic writes) and end the process."""
         self.future.cancel()
+        self.executor.shutdown(wait=True)
 
 
 def _cores_to_spare() -> bool:
@@ -281,8 +283,12 @@ def _cores_to_spare() -> bool:
     return jax.default_backend() != "cpu" or (os.cpu_count() or 1) >= 8
 
 
-def _start_early(config: Config, prepared: Prepared | None, workdir: str) -> _Early | None:
-    if prepared is None or not (config.anomaly.baselines or config.anomaly.plots) or not _cores_to_spare():
+def _start_early(config: Config, prepared: Prepared | None, workdir: str, *, beside_training: bool) -> _Early | None:
+    """:func:`early_work` started in a process of its own, if there is work for it (and, ``beside_training``,
+    cores training does not use); else None."""
+    if prepared is None or not (config.anomaly.baselines or config.anomaly.plots):
+        return None
+    if beside_training and not _cores_to_spare():
         return None
     return _Early(prepared, workdir, config.seed, list(config.anomaly.baselines), config.anomaly.plots)
 
@@ -319,43 +325,53 @@ def evaluate_run(workdir: str, *, config: Config | None = None, prepared: Prepar
         config, prepared = prepare(dataclasses.replace(config, data=dataclasses.replace(
             config.data, train=None, eval=None)) if config.prepare.source else config, progress=False)
     ac = config.anomaly
-    t = time.perf_counter()
-    graphdef, params, step = load_params(workdir, config, step)
-    sets = {"background": _read_x(prepared.test), **{k: _read_x(p) for k, p in prepared.signals.items()}}
-    size = min(ac.batch_size, max(len(v) for v in sets.values()))  # one compiled shape for every set
-    outputs = {k: model_outputs(graphdef, params, v, size) for k, v in sets.items()}
-    weights = config.loss.kwargs.get("feature_weights")
-    per_score = {kind: {k: event_scores(kind, outputs[k], v, weights) for k, v in sets.items()} for kind in ac.scores}
-    stages["scores_s"] = round(time.perf_counter() - t, 3)
-    if early is None:
+    if early is None:  # the baselines and input plots in a process of their own, beside the work here
+        early = _start_early(config, prepared, workdir, beside_training=False)
+    try:
         t = time.perf_counter()
-        early = early_work(prepared, workdir, config.seed, list(ac.baselines), ac.plots)
-        stages["baselines_inputs_s"] = round(time.perf_counter() - t, 3)
-    per_score.update(early["baselines"])
-    t = time.perf_counter()
-    tables = {}
-    for kind, by_set in per_score.items():
-        signals = {k: v for k, v in by_set.items() if k != "background"}
-        tables[kind] = S.score_table(by_set["background"], signals, ac.rates_khz, ac.total_rate_khz)
+        graphdef, params, step = load_params(workdir, config, step)
+        sets = {"background": _read_x(prepared.test), **{k: _read_x(p) for k, p in prepared.signals.items()}}
+        size = min(ac.batch_size, max(len(v) for v in sets.values()))  # one compiled shape for every set
+        outputs = {k: model_outputs(graphdef, params, v, size) for k, v in sets.items()}
+        weights = config.loss.kwargs.get("feature_weights")
+        per_score = {kind: {k: event_scores(kind, outputs[k], v, weights) for k, v in sets.items()} for kind in ac.scores}
+        tables = {kind: _table(by_set, ac) for kind, by_set in per_score.items()}
+        stages["scores_s"] = round(time.perf_counter() - t, 3)
+        history = _history(workdir)
+        figures: dict[str, str] = {}
+        if ac.plots:
+            t = time.perf_counter()
+            figures = make_plots(workdir, tables, per_score, history, combined=False)
+            stages["plots_s"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        done = early.result() if isinstance(early, _Early) else early or {"baselines": {}, "figures": {}}
+        stages["early_wait_s"] = round(time.perf_counter() - t, 3)
+    finally:
+        if isinstance(early, _Early):
+            early.close()
+    per_score.update(done["baselines"])
+    tables.update({kind: _table(by_set, ac) for kind, by_set in done["baselines"].items()})
     best: dict[str, list[Any]] = {}
-    for kind, table in tables.items():
-        if kind.endswith("(baseline)"):
-            continue
-        for name, s in table["signals"].items():
+    for kind in ac.scores:
+        for name, s in tables[kind]["signals"].items():
             if name not in best or s["auc"] > best[name][1]:
                 best[name] = [kind, s["auc"]]
-    stages["scores_s"] += round(time.perf_counter() - t, 3)
     for kind, table in tables.items():
         print(f"\n{kind} (checkpoint {step}):\n{S.format_table(table)}", flush=True)
     files: dict[str, str] = {"results": os.path.join(workdir, "results.json")}
     _write_json(files["results"], {"step": step, "tables": tables, "best_auc": best})
-
-    history = _history(workdir)
-    figures: dict[str, str] = {}
     if ac.plots:
         t = time.perf_counter()
-        figures = {**make_plots(workdir, tables, per_score, history), **early["figures"]}
-        stages["plots_s"] = round(time.perf_counter() - t, 3)
+        figures.update(make_plots(workdir, tables, per_score, [], kinds=list(done["baselines"])))
+        figures.update(done["figures"])
+        stages["plots_s"] += round(time.perf_counter() - t, 3)
+        top = max(ac.scores, key=lambda k: max(s["auc"] for s in tables[k]["signals"].values()))
+
+        def rank(caption: str) -> int:  # the report shows the best score's histogram, ROC and efficiency first
+            order = [f"{top}: score distributions", "ROC", "efficiency vs rate"]
+            return order.index(caption) if caption in order else 3 if "score distributions" in caption else 4
+
+        figures = dict(sorted(figures.items(), key=lambda item: rank(item[0])))
     run = dict(summary or _read_summary(workdir))
     facts = _facts(run, step, prepared, stages, history)
     if ac.store:
@@ -371,6 +387,11 @@ def evaluate_run(workdir: str, *, config: Config | None = None, prepared: Prepar
         files.update(write_report(workdir, config, tables, best, figures, _display(facts, stages), pdf=ac.pdf))
         stages["report_s"] = round(time.perf_counter() - t, 3)
     return {"step": step, "best_auc": best, "files": files}
+
+
+def _table(by_set: Mapping[str, np.ndarray], ac: Any) -> dict[str, Any]:
+    signals = {k: v for k, v in by_set.items() if k != "background"}
+    return S.score_table(by_set["background"], signals, ac.rates_khz, ac.total_rate_khz)
 
 
 def _read_summary(workdir: str) -> dict[str, Any]:
@@ -442,14 +463,17 @@ def _weights(params: Any) -> dict[str, Any]:
 
 
 def make_plots(workdir: str, tables: Mapping[str, Any], per_score: Mapping[str, Mapping[str, np.ndarray]],
-               history: list[dict[str, Any]]) -> dict[str, str]:
-    """The figures of the scores and of training into ``workdir/plots``; returns ``{caption: path}``."""
+               history: list[dict[str, Any]], *, kinds: list[str] | None = None, combined: bool = True) -> dict[str, str]:
+    """The figures of the scores and of training into ``workdir/plots``; returns ``{caption: path}``.
+
+    A score histogram for each of ``kinds`` (default: every score, best first); with ``combined``,
+    efficiency vs rate and ROC with every score of ``tables``; training curves if ``history``."""
     from . import plots
 
     folder = os.path.join(workdir, "plots")
     figures: dict[str, str] = {}
     ranked = sorted(per_score, key=lambda k: -max(s["auc"] for s in tables[k]["signals"].values()))  # best first
-    for kind in ranked:
+    for kind in ranked if kinds is None else kinds:
         by_set = per_score[kind]
         safe = re.sub(r"[^A-Za-z0-9-]+", "_", kind).strip("_")  # a file name, whatever the score's import path
         table = tables[kind]
@@ -457,6 +481,11 @@ def make_plots(workdir: str, tables: Mapping[str, Any], per_score: Mapping[str, 
         lines = dict(zip(table["rates_khz"], table["thresholds"], strict=True))
         figures[f"{kind}: score distributions"] = plots.score_histograms(
             by_set["background"], signals, os.path.join(folder, f"scores_{safe}.png"), lines, title=f"Anomaly score: {kind}")
+    if history:
+        keys = [k for k in ("loss", "recon", "kl") if any(k in h for h in history)] or None
+        figures["training curves"] = plots.training_curves(history, os.path.join(folder, "training.png"), keys)
+    if not combined:
+        return figures
     # every score kind on one efficiency figure and one ROC figure
     first = next(iter(tables.values()))
     merged = {"rates_khz": first["rates_khz"],
@@ -466,9 +495,6 @@ def make_plots(workdir: str, tables: Mapping[str, Any], per_score: Mapping[str, 
                 for name, v in by_set.items() if name != "background"}
     figures["ROC"] = plots.roc_curves({k: b for k, (b, _) in labelled.items()}, {k: s for k, (_, s) in labelled.items()},
                                       os.path.join(folder, "roc.png"))
-    if history:
-        keys = [k for k in ("loss", "recon", "kl") if any(k in h for h in history)] or None
-        figures["training curves"] = plots.training_curves(history, os.path.join(folder, "training.png"), keys)
     return figures
 
 
