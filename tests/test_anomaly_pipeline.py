@@ -84,6 +84,28 @@ def test_prepare_selects_splits_and_transforms_exactly(tmp_path):
         assert json.load(f)["quantization"] == {"total_bits": 16, "integer_bits": 6}
 
 
+def test_prepare_reads_webdataset_shards_as_it_reads_hdf5(tmp_path):
+    import webdataset as wds
+
+    x, y = _raw(tmp_path / "raw.h5")
+    os.makedirs(tmp_path / "shards")
+    with wds.ShardWriter(str(tmp_path / "shards" / "events-%04d.tar"), maxcount=120, verbose=0) as sink:
+        for i in range(len(x)):
+            sink.write({"__key__": f"event{i:06d}", "x.npy": x[i], "y.cls": int(y[i])})
+    from_h5 = prepare_dataset(_cfg(tmp_path / "raw.h5"), str(tmp_path / "cache"), progress=False)
+    from_tar = prepare_dataset(_cfg(str(tmp_path / "shards" / "events-{0000..0004}.tar"), features="x.npy", labels="y.cls"),
+                               str(tmp_path / "cache"), progress=False)
+    assert from_tar.folder != from_h5.folder and from_tar.constants["events"] == from_h5.constants["events"]
+    for a, b in [(from_h5.train, from_tar.train), (from_h5.test, from_tar.test),
+                 (from_h5.signals["three"], from_tar.signals["three"])]:
+        ra, rb = _read(a), _read(b)
+        np.testing.assert_array_equal(ra["x"], rb["x"])
+        np.testing.assert_array_equal(ra["row"], rb["row"])  # a sample's index in shard order is its row
+    with pytest.raises(PrepareError, match=r"prepare\.source .*events-\{0000\.\.0004\}\.tar'"):
+        prepare_dataset(_cfg(str(tmp_path / "shards" / "events-{0000..0004}.tar"), features="x.npz", labels="y.cls"),
+                        str(tmp_path / "cache"), progress=False)
+
+
 def test_prepare_is_cached_by_its_inputs_and_settings(tmp_path, monkeypatch):
     from trainers.anomaly import prepare as stage
 
@@ -232,11 +254,15 @@ def test_one_command_runs_every_stage_and_the_report_command_rescores(tmp_path, 
     pytest.importorskip("jax")
     pytest.importorskip("matplotlib")
     pytest.importorskip("sklearn")
+    import shutil
+
     import trainers
+    from trainers.anomaly.report import find_chromium
     from trainers.anomaly.store import load
 
+    browser = find_chromium() is not None and shutil.which("pdfinfo") is not None  # CI installs both
     work = tmp_path / "run"
-    overrides = {"data": {"cache_dir": mnist1d_dir}, "anomaly": {"pdf": False}}
+    overrides = {"data": {"cache_dir": mnist1d_dir}, "anomaly": {"pdf": browser}}
     config = load_config(ANOMALY, SHORT)
     summary = trainers.main(config.to_dict(), overrides, workdir=str(work), progress=False)
     assert summary["steps"] == 600 and set(summary["anomaly"]["best_auc"]) == {"digit_8", "digit_9"}
@@ -260,6 +286,9 @@ def test_one_command_runs_every_stage_and_the_report_command_rescores(tmp_path, 
     page = (work / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 8  # 4 score kinds, efficiency, ROC, training, inputs
     assert summary["params_sha256"] in page and "isolation_forest (baseline)" in page
+    if browser:  # the run printed its report to PDF with headless Chromium
+        info = subprocess.run(["pdfinfo", str(work / "report.pdf")], capture_output=True, text=True, check=True).stdout
+        assert 2 <= int(info.split("Pages:")[1].split()[0]) <= 12
     assert sorted(os.listdir(work / "plots")) == [
         "efficiency.png", "inputs.png", "roc.png", "scores_ad_score.png", "scores_isolation_forest_baseline.png",
         "scores_kl.png", "scores_reconstruction.png", "training.png"]

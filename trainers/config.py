@@ -114,8 +114,10 @@ class PrepareConfig:
     train and validation files then feed ``data`` (a re-run with the same inputs and settings
     reuses them: they are cached by a hash of both).
 
-    ``source``: ``mnist1d`` (the built-in MNIST-1D, train and test together) or a raw HDF5
-    file; ``features`` its dataset of events (rows) x features, ``labels`` the dataset whose
+    ``source``: ``mnist1d`` (the built-in MNIST-1D, train and test together), a raw HDF5
+    file, or WebDataset tar shards (a ``.tar`` path, brace pattern, glob or YAML shard list);
+    ``features`` its dataset of events (rows) x features (for shards: a member extension
+    such as ``x.npy``), ``labels`` the dataset (or extension, e.g. ``y.cls``) whose
     values pick the ``background`` (a list of values; default: every value no signal takes)
     and each signal. ``signals``: ``{name: [label values]}`` or ``{name: other_file.h5}`` (every
     row of that file's ``features`` dataset is that signal). The background is shuffled by

@@ -140,6 +140,32 @@ def _read_dataset(path: str, name: str, what: str, bar: Any) -> np.ndarray:
     return out
 
 
+def _is_tar(source: str) -> bool:
+    """Whether ``source`` names tar shards (a .tar path, a brace pattern, a glob, or a YAML shard list)."""
+    return source.endswith((".tar", ".yaml", ".yml")) or any(c in source for c in "{*?")
+
+
+def _read_tar(source: str, features: str, labels: str | None, bar: Any) -> dict[str, Any]:
+    """Every sample's ``features`` (and ``labels``) field of WebDataset shards, in shard order."""
+    from loaders import DataError, TarSource
+
+    keys = [features] + ([labels] if labels is not None else [])
+    try:
+        src = TarSource(source, keys=keys)
+    except (DataError, ValueError, OSError) as e:
+        raise PrepareError(f"prepare.source {source!r}: {e}") from None
+    out: dict[str, Any] = {k: [] for k in keys}
+    step = 65536
+    for a in range(0, len(src), step):
+        batch = src.read_batch(np.arange(a, min(a + step, len(src))))
+        for k in keys:
+            out[k].append(np.asarray(batch[k]))
+        bar.update(min(step, len(src) - a))
+    out = {k: np.concatenate(v) for k, v in out.items()}
+    out["__shards__"] = list(src.shards)
+    return out
+
+
 def _check_finite(x: np.ndarray, where: str) -> None:
     if x.dtype.kind not in "fiub":
         raise PrepareError(f"{where}: features must be numbers, got dtype {x.dtype}")
@@ -161,9 +187,11 @@ def _raw_sets(cfg: Any, cache_dir: str, progress: bool) -> tuple[dict[str, np.nd
 
         paths = prepare_mnist1d(cache_dir)
         files = [paths["h5_train"], paths["h5_eval"]]
+    elif _is_tar(cfg.source):
+        files = []
     else:
         if not os.path.isfile(cfg.source):
-            raise PrepareError(f"prepare.source {cfg.source!r}: no such file (give an HDF5 file, or 'mnist1d')")
+            raise PrepareError(f"prepare.source {cfg.source!r}: no such file (give an HDF5 file, tar shards, or 'mnist1d')")
         files = [cfg.source]
     signal_files = {k: v for k, v in cfg.signals.items() if isinstance(v, str)}
     for name, v in cfg.signals.items():
@@ -176,10 +204,14 @@ def _raw_sets(cfg: Any, cache_dir: str, progress: bool) -> tuple[dict[str, np.nd
             raise PrepareError(f"prepare.signals.{name}: no such file {v!r}")
     bar = bar_of(None, "reading raw data", progress, unit="event")
     try:
-        xs = [_read_dataset(p, cfg.features, "features (prepare.features)", bar) for p in files]
-        labels = None
-        if cfg.labels is not None:
-            labels = np.concatenate([_read_dataset(p, cfg.labels, "labels (prepare.labels)", bar) for p in files])
+        if not files:  # tar shards: the features and labels are fields (member extensions) of each sample
+            read = _read_tar(cfg.source, cfg.features, cfg.labels, bar)
+            xs, labels, files = [read[cfg.features]], read.get(cfg.labels), read["__shards__"]
+        else:
+            xs = [_read_dataset(p, cfg.features, "features (prepare.features)", bar) for p in files]
+            labels = None
+            if cfg.labels is not None:
+                labels = np.concatenate([_read_dataset(p, cfg.labels, "labels (prepare.labels)", bar) for p in files])
         signal_x = {k: _read_dataset(p, cfg.features, f"signal {k!r} features (prepare.features)", bar)
                     for k, p in signal_files.items()}
     finally:
@@ -259,7 +291,17 @@ def prepare_dataset(cfg: Any, cache_dir: str | None = None, *, progress: bool = 
     if len(split) != 3 or any(f <= 0 for f in split) or sum(split) > 1 + 1e-9:
         raise PrepareError(f"prepare.split must be three positive fractions (train, validation, test) summing to at most 1, "
                            f"got {cfg.split}")
-    raw = [] if cfg.source == "mnist1d" else [cfg.source]
+    if cfg.source == "mnist1d":
+        raw = []
+    elif _is_tar(cfg.source):
+        from loaders import expand_shards
+
+        try:
+            raw = expand_shards(cfg.source)
+        except (ValueError, OSError) as e:
+            raise PrepareError(f"prepare.source {cfg.source!r}: {e}") from None
+    else:
+        raw = [cfg.source]
     raw += [v for v in cfg.signals.values() if isinstance(v, str) and os.path.isfile(v)]
     try:
         identity = [_raw_identity(p) for p in raw if os.path.isfile(p)]
