@@ -152,7 +152,8 @@ def test_every_numeric_setting_has_a_range():
     from trainers.config import RANGES
 
     def numeric(hint) -> bool:  # int, float, or optional ones (lists of numbers are checked where they are used)
-        return hint in (int, float) or typing.get_origin(hint) is not list and any(a in (int, float) for a in typing.get_args(hint))
+        args = typing.get_args(hint)
+        return hint in (int, float) or typing.get_origin(hint) is not list and any(a in (int, float) for a in args)
 
     found = []
     sections = [("", Config())] + [(f.name, getattr(Config(), f.name)) for f in dataclasses.fields(Config)
