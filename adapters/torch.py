@@ -343,6 +343,16 @@ class TorchLoader(StepAdapter):
         return f"TorchLoader({self.loader.source!r}, {self.sampler!r}, num_workers={self.dataloader.num_workers})"
 
 
+# ----------------------------------------------------------------------------- ATEK
+# What ATEK's reader (atek.data_loaders.atek_wds_dataloader) does to each webdataset sample, on top of
+# TarSource: frames restacked, float64 tensors made float32, gt tensors merged into gt_data, semidense
+# points unpacked, then dict_key_mapping, data_transform_fn and the collation, all in the process that
+# reads the batch (a worker, with num_workers > 0).
+_ATEK_ITEMS = "_atek_items"  # the one key of a step's batch dict: the list of what the step yields
+_ATEK_POINTS = ("points_world", "points_inv_dist_std", "points_dist_std")
+_ATEK_LENGTHS = "msdpd#points_world_lengths"
+
+
 def _distributed_part(is_distributed: bool, mode: str = "global") -> ProcessPart:
     if not is_distributed:
         return ProcessPart()
@@ -352,11 +362,200 @@ def _distributed_part(is_distributed: bool, mode: str = "global") -> ProcessPart
     return ProcessPart(dist.get_rank(), dist.get_world_size(), mode)
 
 
+def atek_default_collation_fn(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """ATEK's default collation: per key (those of the first sample), tensors of one shape and
+    dtype stack along a new first dimension; anything else, and tensors that differ, stay a list.
+
+    One addition for fields ATEK's reader rejects but Tandem passes through (``.cls``): numbers
+    stack into a tensor, as Tandem's batches hold them. No samples give ``{}``.
+    """
+    if not samples:
+        return {}
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        first = values[0]
+        if isinstance(first, torch.Tensor):
+            alike = all(isinstance(v, torch.Tensor) and v.shape == first.shape and v.dtype == first.dtype for v in values)
+            out[key] = torch.stack(values) if alike else values
+        elif isinstance(first, bool | int | float | np.number) and all(type(v) is type(first) for v in values):
+            out[key] = torch.from_numpy(np.asarray(values))
+        else:
+            out[key] = values
+    return out
+
+
+def _atek_frame(stem: str) -> tuple[str, int] | None:
+    """``(camera, frame)`` of an ATEK frame member ``<camera>_<frame>.jpeg``, or None."""
+    root, _, index = stem.rpartition("_")
+    return (root, int(index)) if root and index.isdigit() else None
+
+
+def _atek_name(field: str) -> str:
+    """The key ATEK's reader gives field ``field`` (a frame: its camera; ``.pth``, ``.json``,
+    ``.txt``: the name without extension); other fields keep their own name."""
+    stem, dot, ext = field.rpartition(".")
+    if not dot:
+        return field
+    if ext == "jpeg":
+        frame = _atek_frame(stem)
+        return frame[0] if frame else stem
+    return stem if ext in ("pth", "json", "txt") else field
+
+
+def _atek_fields(found: Sequence[str], mapping: Mapping[str, str] | None) -> list[str]:
+    """The members to read for ``mapping`` (every one without it): those whose ATEK key it names,
+    with what the merged keys are made of (``gt_data#...`` tensors, semidense lengths)."""
+    if mapping is None:
+        return list(found)
+    wanted = set(mapping)
+    points = {f"msdpd#{p}" for p in _ATEK_POINTS} & wanted
+    keep = []
+    for f in found:
+        name = _atek_name(f)
+        if (name in wanted or (name.startswith("gt_data#") and "gt_data" in wanted)
+                or (name == _ATEK_LENGTHS and points) or (name.endswith("+stacked") and name[: -len("+stacked")] in points)):
+            keep.append(f)
+    return keep
+
+
+def _as_torch(value: Any) -> Any:
+    """A numeric numpy array as a tensor (a field ATEK's reader does not know); anything else as is."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
+        usable = value.flags.writeable and value.dtype.isnative
+        return torch.from_numpy(value if usable else value.astype(value.dtype.newbyteorder("=")))
+    return value
+
+
+def _atek_sample(record: dict[str, Any]) -> dict[str, Any]:
+    """One record read by TarSource (images as ``rgb8``) as ATEK's reader gives it."""
+    sample = {"__key__": record["__key__"], "__url__": record["__url__"]}
+    frames: dict[str, dict[int, Any]] = {}
+    for field, value in record.items():
+        if field in ("__key__", "__url__"):
+            continue
+        stem, dot, ext = field.rpartition(".")
+        if dot and ext == "jpeg":  # webdataset's "torchrgb8": [3, H, W]
+            image = torch.from_numpy(np.ascontiguousarray(value.transpose(2, 0, 1)))
+            frame = _atek_frame(stem)
+            if frame is None:  # not <camera>_<N>.jpeg: one image, under its name
+                sample[stem] = image
+            else:  # a frame: stacked with its camera's other frames; single-channel cameras keep channel 0
+                frames.setdefault(frame[0], {})[frame[1]] = image if "rgb" in frame[0] else image[0:1]
+        elif dot and ext == "pth":
+            sample[stem] = value.float() if isinstance(value, torch.Tensor) and value.dtype == torch.float64 else value
+        elif dot and ext in ("json", "txt"):
+            sample[stem] = value
+        else:  # ATEK's reader rejects other fields; Tandem passes them through
+            sample[field] = _as_torch(value)
+    for camera, by_frame in frames.items():
+        sample[camera] = torch.stack([by_frame[k] for k in sorted(by_frame)])
+    for name in _ATEK_POINTS:
+        stacked = sample.get(f"msdpd#{name}+stacked")
+        if stacked is not None:
+            lengths = sample[_ATEK_LENGTHS]
+            if int(lengths.sum()) != len(stacked):
+                from loaders import DataError
+
+                raise DataError(f"{record['__url__']}: sample {record['__key__']!r}: msdpd#{name}+stacked holds "
+                                f"{len(stacked)} points, {_ATEK_LENGTHS} adds up to {int(lengths.sum())}")
+            sample[f"msdpd#{name}"] = list(torch.split(stacked, lengths.tolist()))
+    merged = [k for k, v in sample.items() if k.startswith("gt_data#") and isinstance(v, torch.Tensor)]
+    if merged:
+        import copy
+
+        gt = copy.deepcopy(sample.get("gt_data", {}))
+        for key in merged:
+            node = gt
+            *path, leaf = key[len("gt_data#"):].split("+")
+            for part in path:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+            node[leaf] = sample.pop(key)
+        sample["gt_data"] = gt
+    return sample
+
+
+def _is_stream(fn: Callable) -> bool:
+    """Whether ``fn`` maps an iterator of samples to an iterator (a generator function, bound or in a
+    ``functools.partial``, an object whose ``__call__`` is one, or webdataset's ``pipelinefilter(f)()``)."""
+    import functools
+    import inspect
+
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if type(fn).__name__ == "FilterFunction" and type(fn).__module__.startswith("webdataset"):
+        return True  # pipelinefilter(f)(...): a pipeline stage, given the stream first
+    if inspect.isfunction(fn) or inspect.ismethod(fn):
+        return inspect.isgeneratorfunction(fn)
+    return inspect.isgeneratorfunction(vars(type(fn)).get("__call__"))  # a callable object
+
+
+class _AtekBatches(Loader):
+    """A Loader whose batch ``step`` is what ATEK's pipeline yields for the step's records:
+    ``{_ATEK_ITEMS: [collated batch]}`` (``[]`` when the transform kept none), or with
+    ``single`` the list of samples; the padding of a short last batch is never read."""
+
+    def __init__(self, source: TarSource, sampler: Sampler, mapping: Mapping[str, str] | None,
+                 transform: Callable | None, stream: bool, collate: Callable, single: bool) -> None:
+        super().__init__(source, sampler)
+        self.mapping, self.atek_transform, self.stream = mapping, transform, stream
+        self.atek_collate, self.single = collate, single
+
+    def get_batch(self, step: int) -> dict[str, Any]:
+        idx, mask = self.sampler.indices_and_mask(step)
+        if mask is not None:
+            idx = idx[mask]
+        samples = [_atek_sample(r) for r in self.source.read_records(idx)]
+        if self.mapping is not None:
+            samples = [{self.mapping.get(k, k): v for k, v in s.items() if k in ("__key__", "__url__") or k in self.mapping}
+                       for s in samples]
+        fn = self.atek_transform
+        if fn is not None:
+            samples = list(fn(iter(samples))) if self.stream else [fn(s) for s in samples]
+        items = samples if self.single else [self.atek_collate(samples)] if samples else []
+        return {_ATEK_ITEMS: items, self.mask_key: np.ones(1, dtype=bool)}
+
+
+class _AtekLoader(TorchLoader):
+    """A TorchLoader over :class:`_AtekBatches`, yielding each step's items as they are (any structure)."""
+
+    def __init__(self, batches: _AtekBatches, num_workers: int, per_epoch: bool) -> None:
+        super().__init__(batches.source, batches.sampler, num_workers=num_workers, per_epoch=per_epoch,
+                         batches_per_item=1 if num_workers else None)
+        self.loader = self.dataloader.dataset.loader = batches  # the steps' reader: ATEK's batches
+
+    @staticmethod
+    def _items(batches: Iterator[dict[str, Any]]) -> Iterator[Any]:
+        for batch in batches:
+            yield from batch[_ATEK_ITEMS]
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._items(super().__iter__())
+
+    def iter_from(self, step: int) -> Iterator[Any]:
+        return self._items(super().iter_from(step))
+
+
+def _split_shards(urls: Any, nodesplitter: Callable) -> list[str]:
+    """The shards a webdataset-style ``nodesplitter`` leaves this process: it is given
+    ``{"url": shard}`` dicts, as webdataset gives it, and may yield dicts or shard strings."""
+    from loaders import expand_shards
+
+    paths = expand_shards(urls)
+    kept = [item["url"] if isinstance(item, Mapping) else item for item in nodesplitter(iter({"url": p} for p in paths))]
+    if not kept:
+        name = getattr(nodesplitter, "__name__", type(nodesplitter).__name__)
+        raise ValueError(f"nodesplitter {name} left this process none of the {len(paths)} shards ({paths[0]} ...)")
+    return [str(p) for p in kept]
+
+
 def create_native_atek_dataloader(
     urls: str | Sequence[str],
-    nodesplitter: ProcessPart | None = None,
+    nodesplitter: ProcessPart | Callable | None = None,
     dict_key_mapping: Mapping[str, str] | None = None,
-    data_transform_fn: Callable[[dict], dict] | None = None,
+    data_transform_fn: Callable | None = None,
     collation_fn: Callable[[list[dict]], Any] | None = None,
     batch_size: int | None = None,
     repeat_flag: bool = False,
@@ -365,38 +564,91 @@ def create_native_atek_dataloader(
     *,
     seed: int = 0,
     drop_last: bool = False,
+    transform_stream: bool | None = None,
+    allow_pickle: bool = False,
 ) -> TorchLoader:
     """ATEK's ``create_native_atek_dataloader``, reading through Tandem's resumable TarSource.
 
-    ``urls``: local tar paths, a glob/brace pattern, or ATEK's ``local_*_tars.yaml``.
-    ``nodesplitter``: the :class:`ProcessPart` of this node (default: one node, or the
-    ``torch.distributed`` rank and world size when initialized). ``dict_key_mapping``
-    selects *and* renames fields, as in ATEK. ``batch_size=None`` yields single samples.
-    ``repeat_flag`` repeats within one ``for`` loop, forever, each epoch reshuffled with
-    ``shuffle_flag`` (from ``seed``); without it each ``for`` loop is one epoch.
+    Samples are what ATEK's reader gives (webdataset's ``decode("torchrgb8")`` then ATEK's
+    per-sample processing): ``<camera>_<N>.jpeg`` frames restacked into a uint8 tensor
+    ``[F, C, H, W]`` per camera (C = 1 for cameras without "rgb" in their name), ``.pth``
+    tensors (read with ``torch.load(weights_only=True)``; float64 made float32), ``.json`` and
+    ``.txt`` values under their names without extension, ``gt_data#a+b+c`` tensors merged
+    into ``gt_data["a"]["b"]["c"]``, ``msdpd#...+stacked`` semidense points unpacked into lists,
+    and ``__key__`` / ``__url__``. Other fields, which ATEK's reader rejects, pass through under
+    their own names (numeric arrays as tensors).
+
+    Args:
+      urls: local tar paths, a glob/brace pattern, or ATEK's ``local_*_tars.yaml``.
+      nodesplitter: which part of the data this process reads. A :class:`ProcessPart` splits
+        the records (every rank gets as many steps). A callable splits the shards as in
+        webdataset (``webdataset.split_by_node``, ``webdataset.single_node_only`` or your
+        own): it is given ``{"url": shard}`` dicts and keeps this process's. Default: one
+        node, or the ``torch.distributed`` rank and world size when initialized (a record split).
+      dict_key_mapping: selects *and* renames ATEK keys (``{"mfcd#camera-rgb+images": "image"}``),
+        as ATEK's ``select_and_remap_dict_keys``; ``__key__``/``__url__`` are always kept, keys
+        the shards lack are ignored. Only the members the mapping needs are read.
+      data_transform_fn: a per-sample function ``fn(sample) -> sample``, or (as ATEK's model
+        adaptors are) an iterator adaptor ``fn(samples) -> samples``: generator functions and
+        webdataset's ``pipelinefilter(f)()`` are taken as adaptors, any other callable as
+        per-sample unless ``transform_stream`` says otherwise. An adaptor runs over each batch's
+        samples (a fresh iterator per batch, where the batch is read) and what it yields for them
+        is that step's batch. So resume stays exact: the state counts steps, and a restored
+        loader gives the same batches. Unlike ATEK, which runs one adaptor over the whole stream
+        and refills batches to ``batch_size``, an adaptor that drops samples gives shorter
+        batches (a step whose samples it all dropped yields nothing), one that adds samples
+        longer ones, and an adaptor's own state starts afresh at every batch. With
+        ``batch_size=None`` each step is one sample: its outputs are yielded one by one, and
+        the state moves past the step when its first output is taken.
+      collation_fn: ``fn(samples) -> batch``, any structure (ATEK's CubeRCNN collation returns a
+        list); default :func:`atek_default_collation_fn`.
+      batch_size: samples per batch; None yields single samples. The last batch of an epoch
+        is short unless ``drop_last``.
+      repeat_flag: repeat within one ``for`` loop, forever, each epoch reshuffled with
+        ``shuffle_flag``; without it each ``for`` loop is one epoch.
+      shuffle_flag: a full shuffle of the records from ``seed`` (ATEK: a 1000-sample buffer).
+      num_workers: worker processes reading whole batches.
+      seed, drop_last: Tandem's additions.
+      transform_stream: whether ``data_transform_fn`` is an iterator adaptor (None: guess).
+      allow_pickle: ``.pth`` members beyond what ``weights_only=True`` loads need it (ATEK's
+        reader unpickles them all; here that is your explicit choice).
+
+    The loader resumes: ``state_dict()`` / ``load_state_dict()`` as :class:`TorchLoader`.
+    Every sample must have every member that is read (ATEK would read it and fail in collation).
     """
-    if nodesplitter is None:
+    if isinstance(nodesplitter, ProcessPart):
+        part, shards = nodesplitter, urls
+    elif nodesplitter is not None:
+        if not callable(nodesplitter):
+            raise TypeError(f"nodesplitter must be a ProcessPart or a callable, got {type(nodesplitter).__name__}")
+        part, shards = ProcessPart(), _split_shards(urls, nodesplitter)
+    else:
         dist = torch.distributed
-        initialized = dist.is_available() and dist.is_initialized()
-        nodesplitter = _distributed_part(initialized)
-    keys = list(dict_key_mapping) if dict_key_mapping else None
-    source = TarSource(urls, keys=keys, rename=dict_key_mapping, transform=data_transform_fn)
-    per_rank = batch_size or 1
+        part, shards = _distributed_part(dist.is_available() and dist.is_initialized()), urls
+    from loaders import DataError
+
+    probe = TarSource(shards, keys=["__key__"])  # the fields found (the index is built once, then cached)
+    fields = _atek_fields(probe.found_fields, dict_key_mapping)
+    if not fields:
+        names = sorted({_atek_name(f) for f in probe.found_fields} - {_atek_name(f) for f in probe.found_fields
+                                                                         if f.startswith("gt_data#")})
+        raise DataError(f"dict_key_mapping names none of the ATEK keys of these shards: mapping {sorted(dict_key_mapping)}, "
+                        f"keys {names} (in {probe.shards[0]} ...)")
+    source = TarSource(shards, keys=[*fields, "__key__", "__url__"], image="rgb8", allow_pickle=allow_pickle)
     sampler = Sampler(
         len(source),
-        per_rank * nodesplitter.count,
+        (batch_size or 1) * part.count,
         seed=seed,
         shuffle=shuffle_flag,
         drop_remainder=drop_last or batch_size is None,  # single samples never need padding
-        part=nodesplitter,
+        part=part,
         num_epochs=None if repeat_flag else 1,
     )
-    collate = collation_fn
-    if batch_size is None:
-        def collate(records):  # noqa: E306 - ATEK's batch_size=None: one sample at a time
-            return records[0]
+    stream = _is_stream(data_transform_fn) if transform_stream is None and data_transform_fn else bool(transform_stream)
+    batches = _AtekBatches(source, sampler, dict(dict_key_mapping) if dict_key_mapping is not None else None,
+                           data_transform_fn, stream, collation_fn or atek_default_collation_fn, batch_size is None)
     # repeat_flag: ATEK repeats within one loop (webdataset's .repeat()): one endless stream
-    return TorchLoader(source, sampler, num_workers=num_workers, collate=collate, per_epoch=not repeat_flag)
+    return _AtekLoader(batches, num_workers, per_epoch=not repeat_flag)
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,14 @@
   1024-row chunks).
 - H5Source, block shuffle, vs a sequential h5py read of the same file.
 - H5CachedSource vs numpy fancy indexing of the same in-memory array.
+- TarSource over HTTP (``python -m http.server`` on 127.0.0.1, its own process; 20 shards
+  of the same kind of samples): with a warm shard cache vs the same files read locally
+  (goal >= 0.9x) and vs ``webdataset.WebDataset(urls).decode()`` streaming the same URLs in
+  order (goal >= 10x); with a cold shard cache (index kept, ``cache_limit`` half the data,
+  block shuffle over windows of 4 shards, the next steps fetched ahead): time to the first
+  batch, the sustained rate from there and downloads per shard, beside webdataset over the
+  same URLs. Also printed: opening the URLs with nothing cached (every shard downloaded
+  once to be indexed).
 
 Data is generated once into ``.cache/bench`` (or ``$TANDEM_BENCH_DIR``). ``--quick``
 uses a tenth of the sizes. Rates are medians of ``--repeats`` runs.
@@ -16,7 +24,14 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 import warnings
 
 import numpy as np
@@ -28,17 +43,17 @@ from ._common import Table, cache_dir, rate
 BATCH = 256
 
 
-def make_tar(folder: str, n: int) -> list[str]:
+def make_tar(folder: str, n: int, per_shard: int = 10_000) -> list[str]:
     import webdataset as wds
 
     pattern = os.path.join(folder, "bench-%06d.tar")
-    done = os.path.join(folder, f"done-{n}")
+    done = os.path.join(folder, f"done-{n}-{per_shard}")
     if not os.path.exists(done):
         for f in os.listdir(folder):
             os.remove(os.path.join(folder, f))
         rng = np.random.default_rng(0)
         print(f"writing {n} samples with webdataset.ShardWriter ...", flush=True)
-        with wds.ShardWriter(pattern, maxcount=10_000, verbose=0, mtime=0) as sink:
+        with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0, mtime=0) as sink:
             for i in range(n):
                 sink.write({"__key__": f"s{i:07d}", "npy": rng.integers(0, 256, (3, 32, 32), dtype=np.uint8),
                             "cls": int(i % 10)})
@@ -152,6 +167,108 @@ def bench_h5(table: Table, n: int, repeats: int) -> None:
     cached.close()
 
 
+class _HTTPServer:
+    """``python -m http.server`` serving ``folder`` on 127.0.0.1, in a process of its own (its
+    request log in ``log``: :meth:`gets` counts the shard downloads)."""
+
+    def __init__(self, folder: str, log: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                          "--directory", folder], stdout=subprocess.DEVNULL, stderr=f)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.close()
+                    raise RuntimeError("python -m http.server did not start") from None
+                time.sleep(0.05)
+
+    def gets(self) -> int:
+        """Shard downloads so far (GET requests of a ``.tar``)."""
+        with open(self.log, encoding="utf-8", errors="replace") as f:
+            return sum('"GET /' in line and '.tar HTTP' in line for line in f)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def bench_remote(table: Table, n: int, repeats: int) -> None:
+    import webdataset as wds
+
+    shards = make_tar(cache_dir("tar-remote"), n, per_shard=n // 20)
+    work = tempfile.mkdtemp(prefix="tandem-bench-remote-")
+    server = _HTTPServer(os.path.dirname(shards[0]), os.path.join(work, "server.log"))
+    urls = [f"{server.url}/{os.path.basename(p)}" for p in shards]
+    total = sum(os.path.getsize(p) for p in shards)
+    try:
+        index_dir, cache = os.path.join(work, "index"), os.path.join(work, "shards")
+        t = time.perf_counter()
+        remote = TarSource(urls, index_dir=index_dir, cache_dir=cache)
+        opened = time.perf_counter() - t
+        print(f"  opening {len(urls)} URLs ({total / 2**20:.0f} MiB) with nothing cached (each shard downloaded "
+              f"once, indexed): {opened:.2f} s", flush=True)
+        local = TarSource(shards, index_dir=index_dir)
+
+        def full(src):
+            return lambda: loader_rate(Loader(src, Sampler(n, BATCH, seed=0, shuffle="full")), n - BATCH)
+
+        full(remote)()
+        full(local)()  # warm the page cache for both
+        table.add_compared("TarSource over HTTP, warm shard cache, full shuffle", full(remote),
+                           "TarSource, the same shards as local files", full(local), 0.9, repeats)
+
+        def streaming():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)
+                count = 0
+                for _ in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode():
+                    count += 1
+                    if count >= min(n, 20_000):
+                        break
+                gc.collect()
+            return count
+
+        anchor = rate(streaming, repeats)
+        table.add("TarSource over HTTP, warm shard cache, full shuffle", rate(full(remote), repeats),
+                  "webdataset.WebDataset(urls).decode(), in order", anchor, 10)
+
+        firsts: list[float] = []
+        limit = total // 2
+
+        def cold():
+            shutil.rmtree(cache, ignore_errors=True)  # the index stays: a node that has read this data before
+            t0 = time.perf_counter()
+            src = TarSource(urls, index_dir=index_dir, cache_dir=cache, cache_limit=limit)
+            sampler = Sampler(n, BATCH, seed=0, shuffle="block", blocks=src.block_starts, window=4, num_epochs=1)
+            it = iter(Loader(src, sampler))
+            next(it)
+            t1 = time.perf_counter()
+            firsts.append(t1 - t0)
+            count = sum(len(batch["cls"]) for batch in it)  # the rest of the epoch
+            src.shard_cache.close()
+            return count, time.perf_counter() - t1
+
+        before = server.gets()
+        ours = rate(cold, repeats)
+        fetched = (server.gets() - before) / repeats / len(urls)
+        table.add(f"TarSource over HTTP, cold shard cache (first batch {statistics.median(firsts):.2f} s), block "
+                  f"shuffle (window 4 shards), cache_limit half the data, sustained ({fetched:.2f} downloads a shard "
+                  "an epoch)", ours,
+                  "webdataset.WebDataset(urls).decode(), in order", anchor, 1)
+    finally:
+        server.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tenth of the data (a smoke run)")
@@ -162,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     table = Table(f"Loaders (python -m benchmarks.loaders{' --quick' if args.quick else ''})")
     bench_tar(table, 100_000 // scale, args.repeats)
     bench_h5(table, 1_000_000 // scale, args.repeats)
+    bench_remote(table, 100_000 // scale, args.repeats)
     table.save(args.json)
 
 

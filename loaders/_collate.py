@@ -10,9 +10,10 @@ import numpy as np
 from ._errors import DataError
 
 
-def stack_field(values: list[Any], name: str, where: Callable[[int], str] | None = None) -> Any:
+def stack_field(values: list[Any], name: str, where: Callable[[int], str] | None = None, hint: str = "") -> Any:
     """One field of a batch: numbers and equal-shaped arrays stack into an array, strings form
-    a string array, anything else stays a list. ``where(k)`` names record ``k`` in errors."""
+    a string array, anything else stays a list. ``where(k)`` names record ``k`` in errors,
+    ``hint`` (``"; ..."``) ends their advice."""
     first = values[0] if values else None
     if isinstance(first, bool | int | float | np.number):
         return np.asarray(values)
@@ -24,7 +25,7 @@ def stack_field(values: list[Any], name: str, where: Callable[[int], str] | None
                 got = f"{v.dtype} {v.shape}" if isinstance(v, np.ndarray) else type(v).__name__
                 raise DataError(
                     f"{where(k) if where else f'record {k} of {name!r}'}: holds {got}, but the batch's first record "
-                    f"holds {first.dtype} {first.shape}; cannot stack (use read_records or a collate function)"
+                    f"holds {first.dtype} {first.shape}; cannot stack (use read_records or a collate function{hint})"
                 )
         return np.stack(values)
     return values

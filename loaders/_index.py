@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from ._errors import DataError
+from ._guard import file_digest
 from ._progress import progress as _progress
-from ._tar_format import INDEX_VERSION, default_index_dir, load_index
+from ._remote import CachedShards
+from ._tar_format import INDEX_VERSION, _read_index, default_index_dir, load_index, scan_tar
 
 SET_PREFIX = "set-"  # combined indexes: <index_dir>/set-<digest>/
 INLINE_CHUNKS = 4096  # HDF5 chunk tables up to this length stay in the source (and its pickle)
@@ -148,14 +150,20 @@ def _check_shapes(arrays: dict[str, np.ndarray], n: int, n_shards: int) -> str |
     return None
 
 
-def open_tar_index(paths: Sequence[str], index_dir: str | None = None, progress: bool = False) -> TarIndex:
+def open_tar_index(paths: Sequence[str], index_dir: str | None = None, progress: bool = False,
+                   cached: CachedShards | None = None) -> TarIndex:
     """The combined index of shards ``paths``: mapped from the cache when it is there and matches
     every shard's size and modification time, else combined from the per-shard indexes (each
     cached or scanned by :func:`load_index`; a progress bar if ``progress``) and written to the cache.
 
+    With ``cached`` (remote or compressed shards, see :func:`open_cached_index`), shards are
+    known by URL and content identity instead.
+
     Where the cache cannot be written, a RuntimeWarning, and the index is kept in memory.
     """
     index_dir = index_dir or default_index_dir()
+    if cached is not None:
+        return open_cached_index(paths, cached, index_dir, progress)
     stats = [os.stat(p) for p in paths]
     # The file behind each path (device, inode: any spelling of the same path, no realpath walk), and its state.
     key = [INDEX_VERSION, [[p, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns] for p, st in zip(paths, stats, strict=True)]]
@@ -170,13 +178,19 @@ def open_tar_index(paths: Sequence[str], index_dir: str | None = None, progress:
         meta, arrays = _combine(paths, index_dir, bar)
     finally:
         bar.close()
+    return _store_set(folder, meta, arrays, sizes, paths, index_dir)
+
+
+def _store_set(folder: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], sizes: np.ndarray,
+               paths: Sequence[str], index_dir: str) -> TarIndex:
+    """Write a combined index and map it back (kept in memory, with a warning, where it cannot be written)."""
     try:
         _write_set(folder, meta, arrays)
     except OSError as e:
         warnings.warn(
             f"{paths[0]}: the combined index of these {len(paths)} shards could not be cached in {index_dir} ({e}); "
             "it is kept in memory, so every worker process gets a copy of its own (set TANDEM_CACHE_DIR to a "
-            "writable folder to share one)", RuntimeWarning, stacklevel=3)
+            "writable folder to share one)", RuntimeWarning, stacklevel=4)
         return TarIndex(None, meta, arrays)
     found = _open_set(folder, sizes)
     return found if found is not None else TarIndex(None, meta, arrays)
@@ -199,12 +213,14 @@ def _open_set(folder: str, sizes: np.ndarray) -> TarIndex | None:
     return ix
 
 
-def _combine(paths: Sequence[str], index_dir: str, bar: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The combined index's metadata and arrays, from each shard's own index."""
+def _combine(paths: Sequence[str], index_dir: str, bar: Any,
+             load: Callable[[int, str], dict[str, Any]] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The combined index's metadata and arrays, from each shard's own index (``load(s, path)``,
+    by default :func:`load_index`)."""
     fields: dict[str, int] = {}
     shards = []
-    for path in paths:
-        ix = load_index(path, index_dir)[0]
+    for s, path in enumerate(paths):
+        ix = load(s, path) if load is not None else load_index(path, index_dir)[0]
         blob, lengths = _utf8(ix["keys"])
         cols = {fields.setdefault(f, len(fields)): c for c, f in enumerate(ix["fields"])}
         shards.append((len(lengths), blob, lengths, cols, ix["offsets"], ix["sizes"]))
@@ -240,6 +256,109 @@ def _combine(paths: Sequence[str], index_dir: str, bar: Any) -> tuple[dict[str, 
         arrays.update({f"offsets.{k}": offsets, f"sizes.{k}": sizes, f"ends.{k}": ends})
     meta = {"version": INDEX_VERSION, "n": n, "n_shards": len(paths), "fields": list(fields), "holes": holes}
     return meta, arrays
+
+
+# --------------------------------------------------------------------------- tar: remote and compressed shards
+URL_PREFIX = "url-"  # per-shard indexes of cached shards: <index_dir>/url-<digest>.npz
+
+
+def open_cached_index(paths: Sequence[str], cached: CachedShards, index_dir: str, progress: bool = False) -> TarIndex:
+    """The combined index of shards some of which are remote or compressed (``cached``).
+
+    Each cached shard is known by its URL (or path) and what identifies its content without
+    reading it (a checksum given, else the server's ETag and size: one ``HEAD`` each, no
+    download); local tars as :func:`open_tar_index` knows them. The combined index, and each
+    cached shard's own index, are kept under digests of those: a later run, or a shard
+    evicted from the shard cache and fetched again, needs no download and no scan.
+
+    Shards with no index yet are downloaded into the shard cache and scanned one by one, the
+    next ones fetched in the background while one is scanned and the least recently used
+    evicted as the cache's limit says, so data larger than the cache can be indexed.
+    """
+    ids = cached.identities()
+    stats = [None if c else os.stat(p) for p, c in zip(paths, cached.cached, strict=True)]
+    entries = [[p, i] if st is None else [p, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+               for p, i, st in zip(paths, ids, stats, strict=True)]
+    digest = hashlib.sha256(json.dumps([INDEX_VERSION, "cached", entries]).encode("utf-8", "surrogateescape"))
+    folder = os.path.join(index_dir, SET_PREFIX + digest.hexdigest()[:32])
+    # Known sizes bound the members' ends; a decompressed or unsized shard is checked when it is mapped.
+    big = np.iinfo(np.int64).max
+    sizes = np.array([st.st_size if st is not None else (cached.sizes[s] if cached.sizes[s] is not None else big)
+                      for s, st in enumerate(stats)], dtype=np.int64)
+    found = _open_set(folder, sizes)
+    if found is None:
+        files = [_url_index_file(index_dir, p, i) if c else None
+                 for p, i, c in zip(paths, ids, cached.cached, strict=True)]
+        known = {s: ix for s, f in enumerate(files) if f is not None and (ix := _read_url_index(f, paths[s], ids[s]))}
+        digests = [known[s].pop("digest") if s in known else None for s in range(len(paths))]
+        missing = [s for s, f in enumerate(files) if f is not None and s not in known]
+        rank = {s: k for k, s in enumerate(missing)}
+
+        def load(s: int, path: str) -> dict[str, Any]:
+            if files[s] is None:
+                return load_index(path, index_dir)[0]
+            if s in known:
+                return known.pop(s)
+            cached.want(missing[rank[s]:])  # this one, and the next that fit, in the background
+            local = cached.local(s)
+            try:
+                ix = scan_tar(local)
+            except DataError as e:  # name the URL, not the cache's file
+                raise DataError(str(e).replace(local, f"{path} (cached as {local})", 1)) from None
+            digests[s] = file_digest(local)
+            _write_url_index(files[s], path, ids[s], os.path.getsize(local), digests[s], ix)
+            return ix
+
+        bar = _progress(len(paths), "indexing shards", progress and len(paths) > 1, unit="shard")
+        try:
+            with cached.download_bar(missing):
+                meta, arrays = _combine(paths, index_dir, bar, load)
+        finally:
+            bar.close()
+        meta["digests"] = digests  # what describe() needs of each cached shard, with no download
+        found = _store_set(folder, meta, arrays, sizes, paths, index_dir)
+    ends = np.max([found.column("ends", f) for f in found.fields], axis=0) if found.fields else np.zeros(len(paths))
+    for s in range(len(paths)):
+        if cached.cached[s] and cached.sizes[s] is None:
+            cached.sizes[s] = int(ends[s]) + 1024  # a decompressed shard: its members, and the end-of-archive blocks
+    return found
+
+
+def _url_index_file(index_dir: str, url: str, identity: str) -> str:
+    key = json.dumps([INDEX_VERSION, url, identity]).encode("utf-8", "surrogateescape")
+    return os.path.join(index_dir, URL_PREFIX + hashlib.sha256(key).hexdigest()[:32] + ".npz")
+
+
+def _read_url_index(file: str, url: str, identity: str) -> dict[str, Any] | None:
+    """The index cached for shard ``url`` of content ``identity``, if there is a valid one."""
+    try:
+        with open(file, "rb") as f, np.load(f, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"][()]))
+    except Exception:  # absent, torn or foreign: scan the shard again
+        return None
+    if not isinstance(meta, dict) or [meta.get("version"), meta.get("url"), meta.get("id")] != [INDEX_VERSION, url,
+                                                                                                   identity]:
+        return None
+    if not isinstance(meta.get("size"), int) or not isinstance(meta.get("digest"), str):
+        return None
+    ix = _read_index(file, meta)  # the arrays' shapes, dtypes and bounds
+    if ix is not None:
+        ix["digest"] = meta["digest"]
+    return ix
+
+
+def _write_url_index(file: str, url: str, identity: str, size: int, digest: str, ix: dict[str, Any]) -> None:
+    meta = {"version": INDEX_VERSION, "url": url, "id": identity, "size": size, "digest": digest}
+    tmp = _tmp_name(file)
+    try:
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), keys=np.array(ix["keys"], dtype=str),
+                     fields=np.array(ix["fields"], dtype=str), offsets=ix["offsets"], sizes=ix["sizes"])
+        os.replace(tmp, file)
+    except OSError:  # only time is lost: the combined index is what later runs read
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 def _utf8(texts: Sequence[str]) -> tuple[bytes, np.ndarray]:

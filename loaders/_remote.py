@@ -8,15 +8,20 @@ file here; everything after that is the local path. :class:`ShardCache`:
   (``s3://``, ``gs://``, ...) through fsspec when it and the protocol's package are
   installed; ``.tar.gz`` / ``.tgz`` (remote or local) are decompressed once;
 - writes to a temporary name and renames, so a file under its final name is complete;
-- resumes a partial download (HTTP ``Range``) and retries with exponential backoff on
-  429, 5xx, dropped connections, timeouts and short bodies; other HTTP errors (404)
-  fail at once. After the retries, a :class:`DataError` names the URL and the cause;
+- resumes a partial download (HTTP ``Range``, with ``If-Range`` and an ETag check, so a
+  file that changed on the server is fetched again, not spliced) and retries with
+  exponential backoff on 429, 5xx, dropped connections, timeouts and short bodies; other
+  HTTP errors (404) fail at once. After the retries, a :class:`DataError` names the URL;
 - checks the size (the server's, or one given) and a checksum when one is known
   (``sha1=`` as in ATEK's URL lists, ``sha256=``); a file that fails is deleted, never used;
 - lets the processes of a node share one folder: a file lock per shard, so a shard
   is fetched once however many processes ask for it;
-- stays under ``limit`` bytes (plus the shard being fetched) by deleting the least
-  recently used shards that are not pinned (the ones the next steps need).
+- stays under ``limit`` bytes (plus the one shard a reader needs now) by deleting the
+  least recently used shards that are not pinned (the ones the next steps need):
+  background fetches start only when they fit.
+
+:class:`CachedShards` is one source's view of it: the shard names as given, what is known
+of each (size, ETag, checksums), and a cache opened lazily in each process that reads.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import gzip
 import hashlib
 import http.client
 import os
+import queue
 import random
 import re
 import threading
@@ -34,9 +40,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import CancelledError, Future
+from typing import Any, BinaryIO, NamedTuple
+
+import numpy as np
 
 from ._errors import DataError
 
@@ -44,6 +52,7 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 COMPRESSED = (".tar.gz", ".tgz")
 CHUNK = 1 << 20
 GUNZIP_LIMIT = 1 << 40  # bytes a compressed shard may expand to (a gzip bomb is an error, not a full disk)
+_SHARD_FILE = re.compile(r"^[0-9a-f]{16}-[A-Za-z0-9_-][A-Za-z0-9._-]*\.tar$")  # what _safe_name makes
 
 
 def is_remote(path: str) -> bool:
@@ -58,25 +67,116 @@ def needs_cache(path: str) -> bool:
 
 
 def default_cache_dir() -> str:
+    """Where shards are cached: ``$TANDEM_CACHE_DIR/shards`` or ``~/.cache/tandem/shards``."""
     root = os.environ.get("TANDEM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tandem")
     return os.path.join(root, "shards")
+
+
+class RemoteInfo(NamedTuple):
+    """What a server says of a file without sending it: its size and ETag (either may be None)."""
+
+    size: int | None
+    etag: str | None
 
 
 class _Retry(Exception):
     """A failure worth another try (a dropped connection, a 5xx, a short body)."""
 
 
-def _safe_name(url: str) -> str:
-    """A local file name for ``url``: a digest of the whole URL plus its cleaned-up base name.
+def _safe_name(url: str, version: str | None = None) -> str:
+    """A local file name for ``url``: a digest of the whole URL (and ``version``) plus its
+    cleaned-up base name.
 
-    Nothing of the URL becomes a path component: only ``[A-Za-z0-9._-]`` of its last part.
+    Nothing of the URL becomes a path component: only ``[A-Za-z0-9._-]`` of its last part,
+    never starting with a dot, always ending in ``.tar``.
     """
     base = os.path.basename(urllib.parse.urlparse(url).path) or "shard"
     for ext in COMPRESSED:
         if base.lower().endswith(ext):
             base = base[: -len(ext)] + ".tar"
     base = re.sub(r"[^A-Za-z0-9._-]", "_", base)[-80:].lstrip(".") or "shard"
-    return f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{base}"
+    if not base.endswith(".tar"):
+        base += ".tar"
+    key = url if version is None else f"{url}\0{version}"
+    return f"{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}-{base}"
+
+
+class _Workers:
+    """Up to ``count`` daemon threads running submitted calls (``concurrent.futures`` style),
+    started on demand and ended after ``idle`` seconds without work.
+
+    Daemon threads, unlike ``ThreadPoolExecutor``'s, do not hold the interpreter at exit
+    until every queued fetch has run: a download cut short leaves its ``.part`` file,
+    which the next run resumes.
+    """
+
+    def __init__(self, count: int, name: str, idle: float = 30.0) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._count, self._name, self._idle = count, name, idle
+        self._live = self._busy = 0
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            if self._closed:
+                fut.cancel()
+                return fut
+            self._queue.put((fut, fn, args))
+            if self._live - self._busy < self._queue.qsize() and self._live < self._count:
+                self._live += 1
+                t = threading.Thread(target=self._work, name=f"{self._name}-{self._live}", daemon=True)
+                self._threads = [x for x in self._threads if x.is_alive()] + [t]
+                t.start()
+        return fut
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        return [f.result() for f in [self.submit(fn, x) for x in items]]
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._queue.get(timeout=self._idle)
+            except queue.Empty:
+                job = None
+            with self._lock:
+                if job is None:
+                    if self._queue.qsize() and not self._closed:
+                        continue  # work came in as we gave up waiting
+                    self._live -= 1
+                    return
+                self._busy += 1
+            fut, fn, args = job
+            try:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn(*args))
+                    except BaseException as e:  # handed to whoever waits on the future
+                        fut.set_exception(e)
+            finally:
+                with self._lock:
+                    self._busy -= 1
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Drop what is queued; wait for the calls under way if ``wait``."""
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job[0].cancel()
+            for _ in threads:
+                self._queue.put(None)
+        if wait:
+            for t in threads:
+                if t is not threading.current_thread():
+                    t.join()
 
 
 class ShardCache:
@@ -86,18 +186,19 @@ class ShardCache:
       cache_dir: the folder (default ``$TANDEM_CACHE_DIR/shards`` or ``~/.cache/tandem/shards``);
         processes of one node may share it.
       limit: bytes the folder may hold (None: no limit). Least recently used shards that
-        are not pinned are deleted to stay under it; it may be exceeded by the shard
-        being fetched, and by pinned shards.
+        are not pinned are deleted to stay under it. A shard a reader needs now is fetched
+        even when it does not fit (so the folder may hold ``limit`` plus that shard);
+        background fetches (:meth:`plan`) start only when they fit.
       retries: further tries after a failure worth retrying (then a ``DataError``).
       backoff: seconds before the first retry, doubled each time (with jitter).
       timeout: seconds a connection may stay silent.
-      workers: shards fetched at once by :meth:`prefetch`.
+      workers: shards fetched at once in the background.
       progress: ``fn(url, bytes_done, bytes_total_or_None)``, called as bytes arrive.
     """
 
     def __init__(
         self,
-        cache_dir: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
         limit: int | None = None,
         *,
         retries: int = 6,
@@ -106,154 +207,331 @@ class ShardCache:
         workers: int = 4,
         progress: Callable[[str, int, int | None], None] | None = None,
     ) -> None:
-        self.cache_dir = os.path.abspath(cache_dir or default_cache_dir())
+        self.cache_dir = os.path.abspath(os.fspath(cache_dir or default_cache_dir()))
         self.limit = None if limit is None else int(limit)
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.timeout = float(timeout)
+        self.workers = max(1, int(workers))
         self.progress = progress
-        os.makedirs(os.path.join(self.cache_dir, ".locks"), exist_ok=True)
-        self._pool = ThreadPoolExecutor(max(1, int(workers)), thread_name_prefix="tandem-fetch")
+        self._pool = _Workers(self.workers, "tandem-fetch")
         self._pending: dict[str, Future] = {}
-        self._pinned: set[str] = set()
+        self._pinned: set[str] = set()  # local paths
+        self._pinned_urls: set[str] = set()
+        self._inflight: dict[str, int] = {}  # local path -> bytes expected, for fetches under way here
         self._lock = threading.Lock()
+        self._room = threading.Lock()  # one eviction decision at a time in this process
 
     # ------------------------------------------------------------------ public
-    def local_path(self, url: str) -> str:
-        """Where ``url`` is (or will be) kept in the cache."""
-        return os.path.join(self.cache_dir, _safe_name(str(url)))
+    def local_path(self, url: str, version: str | None = None) -> str:
+        """Where ``url`` is (or will be) kept in the cache. ``version``: what names its content
+        (an ETag, a checksum), so another version of the same URL is another file."""
+        return os.path.join(self.cache_dir, _safe_name(str(url), version))
 
-    def fetch(self, url: str, *, size: int | None = None, sha1: str | None = None, sha256: str | None = None) -> str:
+    def fetch(self, url: str, *, size: int | None = None, sha1: str | None = None, sha256: str | None = None,
+              etag: str | None = None, version: str | None = None) -> str:
         """The local path of ``url``, fetching (or decompressing) it first if it is not cached.
 
-        Waits for a fetch :meth:`prefetch` started. Raises :class:`DataError` naming the
-        URL when it cannot be had.
+        Waits for a background fetch of the same URL. ``etag``: the ETag the shard had when
+        it was indexed; a server answering with another one is an error (the file changed).
+        ``version``: see :meth:`local_path`. Raises :class:`DataError` naming the URL when it
+        cannot be had.
         """
         url = str(url)
         with self._lock:
-            fut = self._pending.pop(url, None)
+            fut = self._pending.get(url)
         if fut is not None:
-            return fut.result()
-        return self._fetch(url, size, sha1, sha256)
+            with self._lock:
+                if self._pending.get(url) is fut:
+                    del self._pending[url]
+            try:  # one still queued is fetched here and now, not behind the other background fetches
+                path = None if fut.cancel() else fut.result()  # its DataError, if it failed
+            except CancelledError:
+                path = None
+            if path is not None and os.path.exists(path):
+                return path
+        return self._fetch(url, size, sha1, sha256, etag, version, background=False)
 
     def prefetch(self, urls: Iterable[str], *, checks: dict[str, dict] | None = None) -> None:
-        """Start fetching ``urls`` in the background (at most ``workers`` at once).
+        """Start fetching ``urls`` in the background (at most ``workers`` at once), pinning them.
 
-        ``checks`` maps a URL to its ``size`` / ``sha1`` / ``sha256``. Errors surface in
-        :meth:`fetch` of the same URL.
+        ``checks`` maps a URL to its ``size`` / ``sha1`` / ``sha256`` / ``etag`` / ``version``.
+        Errors surface in :meth:`fetch` of the same URL. :meth:`plan` is the bounded form.
         """
-        checks = checks or {}
+        urls, checks = [str(u) for u in urls], checks or {}
         with self._lock:
-            for url in urls:
-                url = str(url)
-                if url in self._pending or os.path.exists(self.local_path(url)):
-                    continue
-                self._pending[url] = self._pool.submit(self._fetch, url, **{"size": None, "sha1": None, "sha256": None,
-                                                                               **checks.get(url, {})})
+            self._pinned_urls |= set(urls)
+            self._pinned |= {self.local_path(u, checks.get(u, {}).get("version")) for u in urls}
+        self._submit(urls, checks)
+
+    def plan(self, urls: Sequence[str], *, sizes: dict[str, int] | None = None,
+             checks: dict[str, dict] | None = None) -> list[str]:
+        """The shards needed next, in the order they will be read: pin the longest prefix that
+        fits in ``limit`` (the first one always), fetch those not cached in the background,
+        and drop queued fetches of shards no longer wanted. Returns the pinned URLs.
+
+        ``sizes`` (bytes a shard takes in the cache, where known) decide what fits.
+        """
+        sizes, checks = sizes or {}, checks or {}
+        pinned, total = [], 0
+        for u in dict.fromkeys(str(u) for u in urls):
+            need = int(sizes.get(u) or 0)
+            if self.limit is not None and pinned and total + need > self.limit:
+                break
+            pinned.append(u)
+            total += need
+        paths = [self.local_path(u, checks.get(u, {}).get("version")) for u in pinned]
+        with self._lock:
+            self._pinned_urls = set(pinned)
+            self._pinned = set(paths)
+            stale = [fut for u, fut in self._pending.items() if u not in self._pinned_urls]
+        for fut in stale:
+            fut.cancel()  # if it has not started; its callback takes it off the queue
+        for path in paths:  # recently used in every process's eyes: others evict them last
+            _touch(path)
+        self._submit(pinned, checks)
+        return pinned
 
     def pin(self, urls: Iterable[str]) -> None:
         """Shards eviction must keep (the ones the next steps read); replaces the previous set."""
+        urls = [str(u) for u in urls]
         with self._lock:
-            self._pinned = {self.local_path(str(u)) for u in urls}
+            self._pinned_urls = set(urls)
+            self._pinned = {self.local_path(u) for u in urls}
+
+    def stat(self, url: str) -> RemoteInfo:
+        """Size and ETag of ``url`` without downloading it (an HTTP ``HEAD``, fsspec's ``info``;
+        a local compressed file: its size and modification time). Retried as downloads are."""
+        url = str(url)
+        if not is_remote(url):
+            st = os.stat(_local(url))
+            return RemoteInfo(st.st_size, f"mtime:{st.st_mtime_ns}")
+        scheme = _SCHEME.match(url).group(1).lower()
+        return self._retrying(url, lambda: self._head(url) if scheme in ("http", "https") else self._fsspec_info(url),
+                              "asking for its size")
+
+    def stat_many(self, urls: Sequence[str]) -> list[RemoteInfo]:
+        """:meth:`stat` of each of ``urls`` (``workers`` at once), in order."""
+        if len(urls) <= 1:
+            return [self.stat(u) for u in urls]
+        return self._pool.map(self.stat, urls)
+
+    def download(self, url: str, dest: str, *, size: int | None = None, sha1: str | None = None,
+                 sha256: str | None = None, etag: str | None = None) -> str:
+        """``url`` into the file ``dest`` (anywhere), as the cache fetches: through ``dest + ".part"``
+        (resumed if an earlier run left one), checked, then renamed. Returns ``dest``."""
+        os.makedirs(os.path.dirname(os.path.abspath(dest)) or ".", exist_ok=True)
+        self._get(str(url), dest, size, sha1, sha256, etag)
+        return dest
 
     def close(self) -> None:
-        """Stop fetching (waits for the fetches under way)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop fetching (drops queued fetches, waits for those under way)."""
+        self._pool.shutdown(wait=True)
 
     def __repr__(self) -> str:
         return f"ShardCache({self.cache_dir!r}, limit={self.limit})"
 
     # ------------------------------------------------------------------ fetching
-    def _fetch(self, url: str, size: int | None, sha1: str | None, sha256: str | None) -> str:
-        dest = self.local_path(url)
+    def _submit(self, urls: list[str], checks: dict[str, dict]) -> None:
+        started = []
+        with self._lock:
+            for url in urls:
+                c = checks.get(url, {})
+                if url in self._pending or os.path.exists(self.local_path(url, c.get("version"))):
+                    continue
+                fut = self._pool.submit(self._fetch, url, c.get("size"), c.get("sha1"), c.get("sha256"),
+                                        c.get("etag"), c.get("version"), True)
+                self._pending[url] = fut
+                started.append((url, fut))
+        for url, fut in started:  # outside the lock: a future already done calls back at once
+            fut.add_done_callback(lambda f, u=url: self._forget(u, f))
+
+    def _forget(self, url: str, fut: Future) -> None:
+        """A background fetch that worked leaves the queue (one that failed stays, for fetch() to raise)."""
+        if fut.cancelled() or fut.exception() is None:
+            with self._lock:
+                if self._pending.get(url) is fut:
+                    del self._pending[url]
+
+    def _fetch(self, url: str, size: int | None, sha1: str | None, sha256: str | None, etag: str | None,
+               version: str | None, background: bool) -> str | None:
+        dest = self.local_path(url, version)
         if os.path.exists(dest):
             _touch(dest)
             return dest
         lock_path = os.path.join(self.cache_dir, ".locks", os.path.basename(dest) + ".lock")
+        os.makedirs(os.path.dirname(lock_path), exist_ok=True)  # the folder may have been emptied under us
         with open(lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one process fetches; the others wait, then find the file
             if os.path.exists(dest):
                 _touch(dest)
                 return dest
-            part = dest + ".part"
-            if url.lower().endswith(COMPRESSED):
-                raw = self._download(url, part + ".gz") if is_remote(url) else _local(url)
-                _check(raw, url, size, sha1, sha256)
-                _gunzip(raw, part, url)
-                if raw != _local(url):
-                    os.remove(raw)
-            else:
-                self._download(url, part)
-                _check(part, url, size, sha1, sha256)
-            os.replace(part, dest)
+            if background:
+                with self._lock:
+                    wanted = url in self._pinned_urls
+                if not wanted:
+                    return None  # the window moved on: a reader fetches it if it still needs it
+            with self._room:
+                fits = self._make_room(dest, size)
+                if background and not fits:
+                    return None
+                self._inflight[dest] = int(size or 0)
+            try:
+                self._get(url, dest, size, sha1, sha256, etag)
+            finally:
+                with self._room:
+                    self._inflight.pop(dest, None)
         self._evict(keep=dest)
         return dest
 
-    def _download(self, url: str, part: str) -> str:
-        """``url`` into ``part``, resuming what an earlier try (or run) left there; returns ``part``."""
-        delay, last = self.backoff, None
-        for attempt in range(self.retries + 1):
+    def _get(self, url: str, dest: str, size: int | None, sha1: str | None, sha256: str | None,
+             etag: str | None) -> None:
+        """Download (or decompress) ``url`` into ``dest`` through a temporary name, checked."""
+        part = dest + ".part"
+        if url.lower().endswith(COMPRESSED):
+            raw = self._download(url, part + ".gz", etag) if is_remote(url) else _local(url)
+            _check(raw, url, size, sha1, sha256)
+            _gunzip(raw, part, url)
+            if raw != _local(url):
+                os.remove(raw)
+                _remove_quietly(self._etag_file(raw))
+        else:
+            self._download(url, part, etag)
             try:
-                if _SCHEME.match(url).group(1).lower() in ("http", "https"):
-                    self._http(url, part)
-                else:
-                    self._fsspec(url, part)
-                return part
+                _check(part, url, size, sha1, sha256)
+            finally:
+                _remove_quietly(self._etag_file(part))
+        os.replace(part, dest)
+
+    def _etag_file(self, part: str) -> str:
+        """Where the ETag of a partial download is noted: beside it, or in the cache's ``.locks``
+        (so the cache's folder holds only shards and downloads under way)."""
+        folder, name = os.path.split(part)
+        if folder == self.cache_dir:
+            return os.path.join(folder, ".locks", name + ".etag")
+        return part + ".etag"
+
+    def _retrying(self, url: str, attempt: Callable[[], Any], doing: str, part: str | None = None) -> Any:
+        delay, last = self.backoff, None
+        for k in range(self.retries + 1):
+            try:
+                return attempt()
             except _Retry as e:
                 last = e
-            if attempt < self.retries:
+            if k < self.retries:
                 time.sleep(delay * (1 + random.random() * 0.25))
                 delay *= 2
-        raise DataError(f"{url}: download failed after {self.retries + 1} tries ({last}); "
-                        f"the partial file {part} is kept for the next run to resume")
+        kept = f"; the partial file {part} is kept for the next run to resume" if part and os.path.exists(part) else ""
+        raise DataError(f"{url}: {doing} failed after {self.retries + 1} tries ({last}){kept}")
 
-    def _http(self, url: str, part: str) -> None:
-        have = os.path.getsize(part) if os.path.exists(part) else 0
-        headers = {"User-Agent": "tandem", "Accept-Encoding": "identity"}
-        if have:
-            headers["Range"] = f"bytes={have}-"
+    def _download(self, url: str, part: str, etag: str | None = None) -> str:
+        """``url`` into ``part``, resuming what an earlier try (or run) left there; returns ``part``."""
+        http_ = _SCHEME.match(url).group(1).lower() in ("http", "https")
+        self._retrying(url, lambda: self._http(url, part, etag) if http_ else self._fsspec(url, part), "download",
+                       part)
+        return part
+
+    def _open(self, url: str, headers: dict[str, str], method: str = "GET"):
+        """The server's answer to a request, or raises: ``_Retry`` for what is worth another try."""
+        headers = {"User-Agent": "tandem", "Accept-Encoding": "identity", **headers}
         try:
-            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=self.timeout)
+            return urllib.request.urlopen(urllib.request.Request(url, headers=headers, method=method),
+                                          timeout=self.timeout)
         except urllib.error.HTTPError as e:
             e.close()  # its connection; the status and headers stay readable
+            if e.code == 429 or e.code >= 500:
+                raise _Retry(f"HTTP {e.code} {e.reason}") from None
+            raise
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            raise _Retry(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
+
+    def _head(self, url: str) -> RemoteInfo:
+        try:
+            resp = self._open(url, {}, "HEAD")
+        except urllib.error.HTTPError as e:
+            if e.code not in (403, 405, 501):
+                raise DataError(f"{url}: HTTP {e.code} {e.reason}") from None
+            try:  # a server that refuses HEAD: ask for one byte instead
+                resp = self._open(url, {"Range": "bytes=0-0"})
+            except urllib.error.HTTPError as e2:
+                raise DataError(f"{url}: HTTP {e2.code} {e2.reason}") from None
+        with resp:
+            etag = resp.headers.get("ETag")
+            if resp.status == 206:
+                return RemoteInfo(_content_range_total(resp.headers.get("Content-Range")), etag)
+            size = _int(resp.headers.get("Content-Length"))
+            return RemoteInfo(size if resp.getcode() == 200 else None, etag)
+
+    def _http(self, url: str, part: str, etag: str | None) -> None:
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        seen = _read_text(self._etag_file(part)) if have else None  # the ETag of the bytes we have
+        headers = {}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+            if seen:
+                headers["If-Range"] = seen  # a server that knows it sends the whole new file if it changed
+        try:
+            resp = self._open(url, headers)
+        except urllib.error.HTTPError as e:
             if e.code == 416 and have:  # nothing after what we have: complete if the server's length says so
                 total = _content_range_total(e.headers.get("Content-Range"))
                 if total == have:
                     return
                 os.remove(part)
                 raise _Retry(f"HTTP 416 with {have} bytes kept of {total}; starting over") from None
-            if e.code == 429 or e.code >= 500:
-                raise _Retry(f"HTTP {e.code} {e.reason}") from None
             raise DataError(f"{url}: HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise _Retry(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
         with resp:
+            got = resp.headers.get("ETag")
+            if etag and got and got != etag:
+                raise DataError(f"{url}: the file changed on the server since it was indexed (ETag {got}, expected "
+                                f"{etag}); open the source again to index the new version")
             if resp.status == 206:
                 start = _content_range_start(resp.headers.get("Content-Range"))
                 total = _content_range_total(resp.headers.get("Content-Range"))
+                if seen and got and got != seen:  # our bytes are of another version: start over
+                    os.remove(part)
+                    raise _Retry(f"the file changed on the server (ETag {got}, was {seen}); starting over")
                 if start != have:
                     raise _Retry(f"the server resumed at byte {start}, not {have}")
-            else:  # 200: the whole file (the server ignored Range)
+            else:  # 200: the whole file (the server ignored Range, or the file changed)
                 have, total = 0, _int(resp.headers.get("Content-Length"))
+                if got:
+                    _write_text(self._etag_file(part), got)
             self._copy(resp, part, have, total, url)
 
-    def _fsspec(self, url: str, part: str) -> None:
+    def _fsspec_fs(self, url: str):
         try:
             import fsspec
         except ImportError:
-            raise DataError(f"{url}: reading this protocol needs fsspec (pip install -e '.[remote]') "
+            raise DataError(f"{url}: reading this protocol needs fsspec (pip install fsspec) "
                             "and the protocol's own package (s3fs, gcsfs, ...)") from None
+        try:
+            return fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as e:
+            raise DataError(f"{url}: this protocol needs a package that is not installed ({e})") from None
+
+    def _fsspec_info(self, url: str) -> RemoteInfo:
+        fs, path = self._fsspec_fs(url)
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            raise DataError(f"{url}: not found") from None
+        except OSError as e:
+            raise _Retry(f"{type(e).__name__}: {e}") from None
+        etag = next((str(info[k]) for k in ("ETag", "etag", "md5Hash", "md5", "mtime", "LastModified", "created")
+                     if info.get(k) is not None), None)
+        return RemoteInfo(_int(info.get("size")), etag)
+
+    def _fsspec(self, url: str, part: str) -> None:
+        fs, path = self._fsspec_fs(url)
         have = os.path.getsize(part) if os.path.exists(part) else 0
         try:
-            fs, path = fsspec.core.url_to_fs(url)
             total = fs.size(path)
             with fs.open(path, "rb") as f:
                 f.seek(have)
                 self._copy(f, part, have, total, url)
         except FileNotFoundError:
             raise DataError(f"{url}: not found") from None
-        except ImportError as e:
-            raise DataError(f"{url}: this protocol needs a package that is not installed ({e})") from None
         except _Retry:
             raise
         except OSError as e:
@@ -261,12 +539,13 @@ class ShardCache:
 
     def _copy(self, src: BinaryIO, part: str, have: int, total: int | None, url: str) -> None:
         done = have
+        read = getattr(src, "read1", None) or src.read  # read1: what has arrived, so a cut transfer keeps it
         with open(part, "r+b" if have else "wb") as out:
             out.seek(have)
             out.truncate()
             while True:
                 try:
-                    chunk = src.read(CHUNK)
+                    chunk = read(CHUNK)
                 except (OSError, http.client.HTTPException) as e:  # timeouts are OSErrors
                     raise _Retry(f"connection lost after {done} bytes ({type(e).__name__})") from None
                 if not chunk:
@@ -281,32 +560,303 @@ class ShardCache:
             raise _Retry(f"short body: {done} of {total} bytes")
 
     # ------------------------------------------------------------------ eviction
-    def _evict(self, keep: str) -> None:
-        if self.limit is None:
-            return
-        with self._lock:
-            pinned = self._pinned | {keep}
-        entries = []
+    def _scan(self) -> tuple[list[tuple[float, int, str]], int]:
+        """The cached shards ``(mtime, size, path)`` and the bytes of everything else being written."""
+        shards, other = [], 0
         with os.scandir(self.cache_dir) as it:
             for e in it:
-                if e.is_file() and not e.name.startswith(".") and not e.name.endswith((".part", ".gz")):
+                try:
+                    if not e.is_file():
+                        continue
                     st = e.stat()
-                    entries.append((st.st_mtime, st.st_size, e.path))
-        used = sum(size for _, size, _ in entries)
-        for _, size, path in sorted(entries):
-            if used <= self.limit:
+                except FileNotFoundError:
+                    continue
+                if _SHARD_FILE.match(e.name):
+                    shards.append((st.st_mtime, st.st_size, e.path))
+                elif e.path[: -len(".part")] not in self._inflight and not e.name.startswith("."):
+                    other += st.st_size  # another process's download (ours are counted in full below)
+        return shards, other
+
+    def _make_room(self, dest: str, size: int | None) -> bool:
+        """Evict until the folder, the fetches under way here and ``size`` more bytes fit in the limit."""
+        if self.limit is None:
+            return True
+        return self._shrink(self.limit - int(size or 0), keep={dest})
+
+    def _evict(self, keep: str) -> None:
+        if self.limit is not None:
+            with self._room:
+                self._shrink(self.limit, keep={keep})
+
+    def _shrink(self, budget: int, keep: set[str]) -> bool:
+        with self._lock:
+            pinned = self._pinned | keep
+        shards, other = self._scan()
+        used = sum(size for _, size, _ in shards) + other + sum(self._inflight.values())
+        for _, size, path in sorted(shards):
+            if used <= budget:
                 break
             if path in pinned:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)  # a reader that has it mapped keeps its pages; the next one fetches again
-                used -= size
+            used -= size
+        return used <= budget
+
+
+class CachedShards:
+    """One source's shards, as they reach the shard cache: the names as given (URLs, local
+    ``.tgz``; local plain tars are passed through), what is known of each, and a
+    :class:`ShardCache` opened lazily in each process (so this object pickles as its settings).
+
+    Args:
+      names: every shard of the source, in order.
+      checks: ``{name: {"size": ..., "sha1": ..., "sha256": ...}}`` where known.
+      cache_dir, limit: the cache's folder and bound (see :class:`ShardCache`).
+      progress: a byte progress bar while shards are downloaded to be indexed.
+      cache_kwargs: more :class:`ShardCache` arguments (``retries``, ``backoff``, ``timeout``, ``workers``).
+    """
+
+    def __init__(self, names: Sequence[str], checks: dict[str, dict] | None = None, cache_dir: str | None = None,
+                 limit: int | None = None, *, progress: bool = False, **cache_kwargs: Any) -> None:
+        self.names = [str(n) for n in names]
+        self.cached = [needs_cache(n) for n in self.names]
+        self.checks = {n: dict(c) for n, c in (checks or {}).items()}
+        self.cache_dir = os.path.abspath(os.fspath(cache_dir or default_cache_dir()))
+        self.limit = None if limit is None else int(limit)
+        self.progress = bool(progress)
+        self.cache_kwargs = cache_kwargs
+        self.info: list[RemoteInfo | None] = [None] * len(self.names)
+        self.ids: list[str | None] = [None] * len(self.names)  # what names each one's content (identities())
+        self.sizes: list[int | None] = [None] * len(self.names)  # bytes each takes in the cache
+        self._cache: ShardCache | None = None
+        self._pid: int | None = None
+        self._bar: Any = None
+        self._lock = threading.Lock()
+        self._wanted: tuple[list[int], float] | None = None  # the last want(): shards, when
+        self._span: Any = None
+        self._span_pid: int | None = None
+        self._span_retry = 0.0
+        self._span_lock = threading.Lock()
+
+    @property
+    def cache(self) -> ShardCache:
+        """This process's :class:`ShardCache` (made the first time it is needed in a process)."""
+        pid = os.getpid()
+        if self._pid != pid:
+            with self._lock:
+                if self._pid != pid:
+                    self._cache = ShardCache(self.cache_dir, self.limit, progress=self._progress, **self.cache_kwargs)
+                    self._pid = pid
+        return self._cache
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes the cached shards take, as far as known."""
+        return sum(s or 0 for s, c in zip(self.sizes, self.cached, strict=True) if c)
+
+    def identities(self) -> list[str]:
+        """Per shard, what identifies its content without reading it: the checksum given
+        (``sha256:``/``sha1:``), else the server's ETag and size (``HEAD``, ``workers`` at
+        once); a local compressed file: size and modification time; a local tar: ``""``."""
+        ask = [s for s, n in enumerate(self.names) if self.cached[s] and self.info[s] is None
+               and not (self.checks.get(n, {}).get("sha256") or self.checks.get(n, {}).get("sha1"))]
+        for s, info in zip(ask, self.cache.stat_many([self.names[s] for s in ask]), strict=True):
+            self.info[s] = info
+        out = []
+        for s, name in enumerate(self.names):
+            c = self.checks.get(name, {})
+            if not self.cached[s]:
+                out.append("")
+            elif c.get("sha256") or c.get("sha1"):
+                algo = "sha256" if c.get("sha256") else "sha1"
+                out.append(f"{algo}:{c[algo].lower()} size:{c.get('size')}")
+            else:
+                info = self.info[s]
+                size = c.get("size") if c.get("size") is not None else info.size
+                out.append(f"etag:{info.etag} size:{size}")
+            if self.cached[s] and not name.lower().endswith(COMPRESSED):
+                self.sizes[s] = self._expected_size(s)
+        self.ids = out
+        return out
+
+    def _expected_size(self, s: int) -> int | None:
+        c = self.checks.get(self.names[s], {})
+        if c.get("size") is not None:
+            return int(c["size"])
+        return self.info[s].size if self.info[s] is not None else None
+
+    def _checks(self, s: int) -> dict[str, Any]:
+        name = self.names[s]
+        c = self.checks.get(name, {})
+        info = self.info[s]
+        size = c.get("size") if c.get("size") is not None else (info.size if info is not None else None)
+        etag = info.etag if info is not None and is_remote(name) else None
+        return {"size": size, "sha1": c.get("sha1"), "sha256": c.get("sha256"), "etag": etag, "version": self.ids[s]}
+
+    def local(self, s: int) -> str:
+        """A local path of shard ``s``: the file itself for a local tar, else its cached copy
+        (fetched first, or waited for, if it is not there)."""
+        name = self.names[s]
+        if not self.cached[s]:
+            return name
+        return self.cache.fetch(name, **self._checks(s))
+
+    def local_if_cached(self, s: int) -> str | None:
+        """Where shard ``s`` lies in the cache, if it is there now (a local tar: its path)."""
+        if not self.cached[s]:
+            return self.names[s]
+        path = self.cache.local_path(self.names[s], self.ids[s])
+        return path if os.path.exists(path) else None
+
+    def want(self, shards: Sequence[int]) -> list[int]:
+        """Shards the next steps read, in order: the ones that fit in the cache are pinned and
+        fetched in the background. Returns those."""
+        todo = [int(s) for s in shards if self.cached[int(s)]]
+        last, now = self._wanted, time.monotonic()
+        if last is not None and now - last[1] < 1.0 and set(last[0]) == set(todo) and (
+                self.limit is None or sum(self.sizes[s] or 0 for s in todo) <= self.limit):
+            return todo  # the same shards, all fitting: nothing changes (the order matters only at the limit)
+        self._wanted = (todo, now)
+        names = [self.names[s] for s in todo]
+        sizes = {self.names[s]: self.sizes[s] for s in todo if self.sizes[s] is not None}
+        pinned = set(self.cache.plan(names, sizes=sizes, checks={self.names[s]: self._checks(s) for s in todo}))
+        return [s for s in todo if self.names[s] in pinned]
+
+    def content_digest(self, digests: Sequence[str | None]) -> str:
+        """The digest :func:`files_digest` gives for the same files, with no download: from the
+        digests of the cached shards taken when they were indexed (``digests[s]``; None for a
+        local tar, whose digest is taken here). A local copy of the same data matches."""
+        from ._guard import file_digest
+
+        h = hashlib.sha256()
+        for s, name in enumerate(self.names):
+            d = digests[s] if self.cached[s] else None
+            h.update((d or file_digest(name)).encode())
+        return h.hexdigest()[:16]
+
+    @property
+    def settled(self) -> bool:
+        """Whether every shard is local for good in this process (no ``limit``, all mapped as one span):
+        then there is nothing left to fetch ahead."""
+        return self._span_pid == os.getpid() and self._span is not None
+
+    def span(self, ix: Any) -> Any:
+        """Every shard mapped into one address range (see :mod:`loaders._span`), or None.
+
+        Only where nothing is evicted (no ``limit``) and every shard is in the cache: cached
+        shards otherwise come and go, and are mapped one by one as they are read. Tried again
+        at most once a second until the shards are all there; made once per process.
+        ``ix``: the source's index (whose members must lie within the files).
+        """
+        pid = os.getpid()
+        if self._span_pid == pid:
+            return self._span
+        if self.limit is not None or time.monotonic() < self._span_retry:
+            return None
+        with self._span_lock:
+            if self._span_pid == pid:
+                return self._span
+            paths = [self.local_if_cached(s) for s in range(len(self.names))]
+            if any(p is None for p in paths):
+                self._span_retry = time.monotonic() + 1.0
+                return None
+            from ._guard import watch
+            from ._span import map_span
+
+            span = map_span(paths)
+            if span is not None:
+                ends = np.max([ix.column("ends", f) for f in ix.fields], axis=0) if ix.fields else 0
+                short = np.flatnonzero(span.sizes < ends)
+                if len(short):
+                    k = int(short[0])
+                    raise DataError(f"{self.names[k]} (cached as {paths[k]}): the shard shrank since it was indexed "
+                                    f"({int(span.sizes[k])} bytes, index needs {int(ends[k])})")
+                for path, size in zip(paths, span.sizes.tolist(), strict=True):
+                    watch(path, size)
+            elif self._span_retry == 0.0:  # no span on this platform, or a failed map: try once more later
+                self._span_retry = time.monotonic() + 1.0
+                return None
+            self._span, self._span_pid = span, pid
+            return span
+
+    def _progress(self, url: str, done: int, total: int | None) -> None:
+        bar = self._bar
+        if bar is not None:
+            bar.update(max(0, done - bar.seen.get(url, 0)))
+            bar.seen[url] = done
+
+    @contextlib.contextmanager
+    def download_bar(self, shards: Sequence[int]):
+        """A byte progress bar for fetching ``shards`` (when ``progress`` was asked for)."""
+        if not self.progress or not shards:
+            yield
+            return
+        from tqdm import tqdm
+
+        total = sum(self.sizes[s] or 0 for s in shards) or None
+        bar = tqdm(total=total, desc="downloading shards", unit="B", unit_scale=True, unit_divisor=1024,
+                   dynamic_ncols=True)
+        bar.seen = {}
+        self._bar = bar
+        try:
+            yield
+        finally:
+            self._bar = None
+            bar.close()
+
+    def close(self) -> None:
+        """Stop this process's background fetches."""
+        if self._cache is not None and self._pid == os.getpid():
+            self._cache.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_cache=None, _pid=None, _bar=None, _lock=None, _wanted=None, _span=None, _span_pid=None,
+                     _span_retry=0.0, _span_lock=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._span_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"CachedShards({sum(self.cached)} of {len(self.names)} shards, {self.cache_dir!r}, limit={self.limit})"
+
+
+def shard_basename(name: str) -> str:
+    """A shard's file name, the same for a URL (query left out), a local path and a compressed
+    copy (``.tar.gz`` / ``.tgz`` read as ``.tar``)."""
+    base = os.path.basename(urllib.parse.urlparse(name).path if is_remote(name) else _local(name))
+    for ext in COMPRESSED:
+        if base.lower().endswith(ext):
+            return base[: -len(ext)] + ".tar"
+    return base
 
 
 def _touch(path: str) -> None:
     """Mark ``path`` recently used (eviction goes by modification time, shared by every process)."""
     with contextlib.suppress(OSError):
         os.utime(path)
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _local(url: str) -> str:
@@ -366,10 +916,8 @@ def _gunzip(src: str, dest: str, url: str) -> None:
                     raise DataError(f"{url}: decompresses to more than {GUNZIP_LIMIT} bytes; refusing it")
                 out.write(block)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(dest)
+        _remove_quietly(dest)
         raise DataError(f"{url}: not a valid gzip file ({e})") from None
     except DataError:
         os.remove(dest)
         raise
-

@@ -8,6 +8,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import threading
 import warnings
 from typing import Any
@@ -16,10 +17,16 @@ import numpy as np
 
 from ._errors import DataError
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: webdataset's name rule (``a.``, ``__meta__/``), tars without an end-of-archive marker
 _BLOCK = 512
 _ZERO = bytes(_BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
+
+
+class TruncatedTarWarning(DataError, RuntimeWarning):
+    """A tar whose members are complete but whose end-of-archive marker is missing: read as
+    webdataset reads it, with this warning. Escalated to an error (``-W error``), it is a
+    :class:`DataError`, as every other bad-input error."""
 
 
 def default_index_dir() -> str:
@@ -78,16 +85,26 @@ def _pax(data: bytes, path: str, where: int) -> dict[str, str]:
     return out
 
 
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: __name__ and __name__/... at the start
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+
+
 def split_name(name: str) -> tuple[str, str] | None:
-    """WebDataset's rule: key = path up to the first dot of the basename; ext = the rest (lower case)."""
-    slash = name.rfind("/")
-    base = name[slash + 1 :]
-    dot = base.find(".")
-    if dot <= 0 or dot == len(base) - 1:
+    """A member name as WebDataset splits it into ``(key, extension)``, or None for members it skips.
+
+    webdataset's rule (``tariterators.base_plus_ext`` and the metadata filters of
+    ``tar_file_iterator``), exactly, edge cases included (``dir/.x.txt`` is key ``dir/``): the
+    key runs to the first dot of the last path component, the extension is the rest,
+    lower-cased (``a.`` has the extension ``""``). Skipped: names without such a dot,
+    ``__name__`` at the top level and everything under a top-level ``__name__/`` folder
+    (``__meta__/info.json``). Names only ever become keys, never paths.
+    """
+    if ("/" not in name and name.startswith("__") and name.endswith("__")) or _META.match(name):
         return None
-    if base.startswith("__") and base.endswith("__"):
+    m = _KEY_EXT.match(name)
+    if m is None:
         return None
-    return name[: slash + 1] + base[:dot], base[dot + 1 :].lower()
+    return m.group(1), m.group(2).lower()
 
 
 def scan_tar(path: str) -> dict[str, Any]:
@@ -95,7 +112,13 @@ def scan_tar(path: str) -> dict[str, Any]:
 
     Returns ``{"keys": [...], "fields": [...], "offsets": int64[N, F], "sizes": int64[N, F]}``
     with ``-1`` where a sample lacks a field. Handles ustar, GNU (long names,
-    base-256 sizes) and PAX headers.
+    base-256 sizes) and PAX headers. Members are named as :func:`split_name` says.
+
+    A sample's members must be consecutive, as webdataset groups them: a key whose members
+    are apart is a :class:`DataError` (webdataset would yield several partial samples with the
+    same key; Tandem refuses the shard rather than guess). A tar that ends after a complete
+    member without the end-of-archive marker is read up to there, as webdataset reads it,
+    with a :class:`TruncatedTarWarning` (when the shard is indexed; the index is then cached).
     """
     size = os.path.getsize(path)
     keys: list[str] = []
@@ -108,6 +131,12 @@ def scan_tar(path: str) -> dict[str, Any]:
         pos, long_name, pax = 0, None, {}
         while True:
             if pos + _BLOCK > size:
+                if pos > 0 and long_name is None and not pax and not mm[pos:size].strip(b"\0"):  # as webdataset: read on
+                    warnings.warn(
+                        f"{path}: truncated tar: ends at byte {size} after its last complete member, without the "
+                        f"end-of-archive marker; reading the {len(keys)} samples before it, as webdataset does "
+                        "(if the file was cut short, later samples are missing)", TruncatedTarWarning, stacklevel=2)
+                    break
                 raise DataError(
                     f"{path}: truncated tar: ends at byte {size} inside a header at byte {pos}, "
                     "without the end-of-archive marker"
@@ -176,8 +205,9 @@ def _add_member(path, name, offset, size, keys, fields, rows, seen) -> None:
         return
     if key in seen:
         raise DataError(
-            f"{path}: member {name!r} belongs to sample {key!r}, whose other members came earlier; "
-            "a sample's members must be consecutive (duplicate key?)"
+            f"{path}: member {name!r} belongs to sample {key!r}, whose other members came earlier; a sample's members "
+            "must be consecutive (webdataset would read them as separate, partial samples with the same key). "
+            "Write the shard with its members sorted by name (tar --sort=name, or webdataset's TarWriter)"
         )
     seen[key] = len(keys)
     keys.append(key)

@@ -5,17 +5,26 @@
 ``{"status": [503, 429, ...]}`` answers those statuses first, one per request;
 ``{"drop_after": n}`` sends ``n`` bytes of the body and closes the connection (once);
 ``{"truncate": n}`` promises the whole length but sends ``n`` bytes (every time);
-``{"ignore_range": True}`` always answers 200 with the whole file.
-``server.gets[name]`` counts GET requests.
+``{"ignore_range": True}`` always answers 200 with the whole file;
+``{"throttle": n}`` sends the body ``n`` bytes at a time, 10 ms apart (so a test can act mid-transfer);
+``{"etag": "..."}`` answers with that ETag instead of one derived from the content;
+``{"etags": [...]}`` answers with these ETags, one per request (the last one from then on).
+``server.gets[name]`` counts GET requests, ``server.heads[name]`` HEAD requests,
+``server.ranges[name]`` lists the ``Range`` header of each GET (None without one).
+``server.kill()`` closes the listening socket and every open connection at once, as a
+crashed server would; ``Server(folder, port=old.port)`` starts another on the same port.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import http.server
 import os
+import socket
 import threading
+import time
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -38,6 +47,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with owner.lock:
             if body:
                 owner.gets[name] += 1
+                owner.ranges[name].append(self.headers.get("Range"))
+            else:
+                owner.heads[name] += 1
             fault = owner.faults.get(name, {})
             statuses = fault.get("status") or []
             status = statuses.pop(0) if statuses else None
@@ -53,7 +65,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         with open(path, "rb") as f:
             data = f.read()
-        etag = '"' + hashlib.sha1(data).hexdigest()[:16] + '"'
+        with owner.lock:
+            etags = fault.get("etags")
+            changing = (etags.pop(0) if len(etags) > 1 else etags[0]) if etags else None
+        etag = changing or fault.get("etag") or '"' + hashlib.sha1(data).hexdigest()[:16] + '"'
         start, end = 0, len(data) - 1
         rng = self.headers.get("Range")
         partial = rng is not None and not fault.get("ignore_range")
@@ -85,7 +100,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return
+        step = fault.get("throttle")
+        if step:
+            for a in range(0, len(chunk), step):
+                self.wfile.write(chunk[a : a + step])
+                self.wfile.flush()
+                time.sleep(0.01)
+            return
         self.wfile.write(chunk)
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.owner.lock:
+            self.server.owner.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with contextlib.suppress(OSError):
+            super().finish()
+        with self.server.owner.lock:
+            self.server.owner.connections.discard(self.connection)
+
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):  # a killed connection
+            super().handle()
 
 
 class _HTTPServer(http.server.ThreadingHTTPServer):
@@ -96,17 +133,30 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
 class Server:
     """Serve ``folder`` on 127.0.0.1 at :attr:`url` until :meth:`close`."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, port: int = 0) -> None:
         self.folder = folder
         self.faults: dict[str, dict] = {}
         self.gets: collections.Counter = collections.Counter()
+        self.heads: collections.Counter = collections.Counter()
+        self.ranges: collections.defaultdict = collections.defaultdict(list)
+        self.connections: set[socket.socket] = set()
         self.lock = threading.Lock()
-        self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd = _HTTPServer(("127.0.0.1", port), _Handler)
         self._httpd.owner = self
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self.port = self._httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def kill(self) -> None:
+        """Stop at once: no new connections, and those open are cut mid-transfer."""
         self._httpd.shutdown()
         self._httpd.server_close()
+        with self.lock:
+            conns = list(self.connections)
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.kill()

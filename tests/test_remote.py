@@ -1,18 +1,23 @@
 """ShardCache against a real HTTP server on 127.0.0.1 serving shards written by webdataset."""
 
+import contextlib
 import gzip
 import hashlib
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import numpy as np
 import pytest
 
-from loaders import DataError
-from loaders._remote import ShardCache, is_remote, needs_cache
+from loaders import DataError, Loader, Sampler, TarSource
+from loaders._remote import _SHARD_FILE, ShardCache, is_remote, needs_cache
+from loaders._shards import read_manifest, resolve_shards
 from tests.httpserver import Server
 
 
@@ -71,7 +76,8 @@ def test_dropped_connection_resumes_with_a_range_request(served, tmp_path):
     path = cache.fetch(f"{server.url}/{names[0]}")
     assert sha(path) == sha(os.path.join(server.folder, names[0]))
     assert server.gets[names[0]] == 2
-    assert seen[0] == (size // 3, size) and seen[-1] == (size, size)  # the second request began at size // 3
+    dones = [d for d, _ in seen]
+    assert size // 3 in dones and dones == sorted(dones) and seen[-1] == (size, size)  # went on from size // 3
 
 
 def test_after_the_retries_a_data_error_names_the_url_and_keeps_the_partial_file(served, tmp_path):
@@ -88,6 +94,16 @@ def test_after_the_retries_a_data_error_names_the_url_and_keeps_the_partial_file
     server.faults.clear()  # the next run resumes from byte 3000
     path = cache.fetch(url)
     assert sha(path) == sha(os.path.join(server.folder, names[0]))
+
+
+def test_a_partial_download_of_another_version_is_started_over(served, tmp_path):
+    server, names = served
+    size = os.path.getsize(os.path.join(server.folder, names[0]))
+    server.faults[names[0]] = {"drop_after": size // 2, "etags": ['"v1"', '"v2"']}  # it changes after the drop
+    path = ShardCache(tmp_path / "c", backoff=0.01).fetch(f"{server.url}/{names[0]}")
+    assert sha(path) == sha(os.path.join(server.folder, names[0]))
+    assert server.ranges[names[0]] == [None, f"bytes={size // 2}-", None]  # the resumed answer was of v2: over
+    assert sorted(os.listdir(tmp_path / "c" / ".locks")) == [os.path.basename(path) + ".lock"]  # no ETag note left
 
 
 def test_404_fails_at_once(served, tmp_path):
@@ -163,6 +179,24 @@ def test_prefetch_runs_in_the_background_and_fetch_waits_for_it(served, tmp_path
     cache.close()
 
 
+def test_plan_pins_what_fits_and_drops_what_is_no_longer_wanted(served, tmp_path):
+    server, names = served
+    urls = urls_of(server, names)
+    sizes = {u: os.path.getsize(os.path.join(server.folder, n)) for u, n in zip(urls, names, strict=True)}
+    cache = ShardCache(tmp_path / "c", limit=sizes[urls[0]] + sizes[urls[1]], workers=1)
+    assert cache.plan(urls, sizes=sizes) == urls[:2]  # the first two fit; the rest wait
+    assert [cache.fetch(u) for u in urls[:2]] == [cache.local_path(u) for u in urls[:2]]
+    assert [server.gets[n] for n in names] == [1, 1, 0, 0, 0]
+    server.faults[names[2]] = {"throttle": 8192}  # slow: the one worker is busy with it ...
+    cache.plan(urls[2:4], sizes=sizes)
+    time.sleep(0.05)
+    cache.plan([urls[4]], sizes=sizes)  # ... when the window moves on: the queued fetch of urls[3] is dropped
+    assert cache.fetch(urls[4]) == cache.local_path(urls[4])
+    cache.close()
+    assert [server.gets[n] for n in names] == [1, 1, 1, 0, 1]
+    assert os.path.exists(cache.local_path(urls[4])) and not os.path.exists(cache.local_path(urls[3]))
+
+
 def test_two_processes_sharing_a_cache_download_each_shard_once(served, tmp_path):
     server, names = served
     code = textwrap.dedent(f"""
@@ -179,3 +213,381 @@ def test_two_processes_sharing_a_cache_download_each_shard_once(served, tmp_path
     assert [int(o) for o in outs] == [total, total]
     assert all(server.gets[n] == 1 for n in names), dict(server.gets)
     assert np.all([p.returncode == 0 for p in procs])
+
+
+# --------------------------------------------------------------------------- TarSource over the cache
+
+FAST = {"retries": 2, "backoff": 0.01, "timeout": 10}
+
+
+def urls_of(server, names):
+    return [f"{server.url}/{n}" for n in names]
+
+
+def batches(source, batch=32, shuffle="full", window=8, **kw):
+    sampler = Sampler(len(source), batch, seed=3, shuffle=shuffle, num_epochs=1, window=window,
+                      blocks=source.block_starts if shuffle == "block" else None)
+    return list(Loader(source, sampler, **kw))
+
+
+def assert_same(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def shard_files(folder):
+    if not os.path.isdir(folder):
+        return []
+    with os.scandir(folder) as it:
+        return sorted(e.name for e in it if e.is_file() and _SHARD_FILE.match(e.name))
+
+
+def held_bytes(folder):
+    """Bytes of the files in ``folder`` (files deleted while it looks count as gone)."""
+    total = 0
+    with os.scandir(folder) as it:
+        for e in it:
+            with contextlib.suppress(FileNotFoundError):
+                total += e.stat().st_size if e.is_file() else 0
+    return total
+
+
+@pytest.fixture
+def served_plain(tmp_path, wds_shards_plain):
+    folder = tmp_path / "www_plain"
+    folder.mkdir()
+    for s in wds_shards_plain:
+        shutil.copy(s, folder)
+    server = Server(str(folder))
+    yield server, sorted(os.listdir(folder))
+    server.close()
+
+
+@pytest.mark.parametrize("kind", ["pax", "ustar"])
+def test_tar_source_over_http_gives_the_batches_of_the_local_files(kind, request, tmp_path):
+    server, names = request.getfixturevalue("served" if kind == "pax" else "served_plain")
+    local = TarSource([os.path.join(server.folder, n) for n in names])
+    remote = TarSource(urls_of(server, names), cache_dir=tmp_path / "c", fetch_options=FAST)
+    assert len(remote) == len(local) and remote.shards == urls_of(server, names)
+    assert_same(batches(remote), batches(local))
+    assert remote.describe() == local.describe()  # the same data: a state saved on one restores on the other
+    assert dict(server.gets) == {n: 1 for n in names}  # indexing downloaded each once; reading reused them
+    assert remote.sample_key(5) == local.sample_key(5)
+    assert remote[7]["cls"] == local[7]["cls"]
+
+
+def test_a_yaml_list_of_urls_and_a_brace_pattern_name_the_same_shards(served, tmp_path):
+    server, names = served
+    listing = tmp_path / "streamable_train_tars.yaml"
+    listing.write_text("tars:\n  seq_b:\n" + "".join(f"  - {u}\n" for u in urls_of(server, names[2:])) +
+                       "  seq_a:\n" + "".join(f"  - {u}\n" for u in urls_of(server, names[:2])))
+    first, last = names[0].split("-")[1][:6], names[-1].split("-")[1][:6]
+    pattern = f"{server.url}/train-{{{first}..{last}}}.tar?x=*"  # a URL is never globbed
+    assert expand(pattern) == [u + "?x=*" for u in urls_of(server, names)]
+    from_yaml = TarSource(str(listing), cache_dir=tmp_path / "c")
+    assert from_yaml.shards == urls_of(server, names[2:]) + urls_of(server, names[:2])
+    order = names[2:] + names[:2]
+    assert_same(batches(from_yaml, shuffle="none"), batches(TarSource([os.path.join(server.folder, n) for n in order]),
+                                                            shuffle="none"))
+
+
+def expand(spec):
+    return resolve_shards(spec)[0]
+
+
+def test_the_index_is_kept_by_url_and_etag_so_a_later_run_downloads_nothing_to_open(served, tmp_path):
+    server, names = served
+    urls = urls_of(server, names)
+    first = TarSource(urls, cache_dir=tmp_path / "c")
+    shutil.rmtree(tmp_path / "c")  # every shard evicted
+    again = TarSource(urls, cache_dir=tmp_path / "c")
+    assert dict(server.gets) == {n: 1 for n in names} and shard_files(tmp_path / "c") == []
+    assert dict(server.heads) == {n: 2 for n in names}  # one HEAD per shard and construction: the ETag and size
+    assert again._ix.folder == first._ix.folder
+    # One shard changes on the server (another ETag): only that one is fetched and scanned again.
+    server.faults[names[1]] = {"etag": '"v2"'}
+    changed = TarSource(urls, cache_dir=tmp_path / "c")
+    assert changed._ix.folder != first._ix.folder
+    assert server.gets[names[1]] == 2 and sum(server.gets.values()) == len(names) + 1
+    assert_same(batches(changed), batches(TarSource([os.path.join(server.folder, n) for n in names])))
+
+
+def test_the_server_killed_mid_download_is_resumed_after_a_retry(served, tmp_path):
+    server, names = served
+    size = os.path.getsize(os.path.join(server.folder, names[0]))
+    server.faults[names[0]] = {"throttle": 2048}
+    part = os.path.join(tmp_path / "c", "x")
+    opened, errors = [], []
+
+    def open_source():
+        try:
+            opened.append(TarSource(urls_of(server, names), cache_dir=tmp_path / "c",
+                                    fetch_options={"retries": 4, "backoff": 0.2, "workers": 1}))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=open_source)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        parts = [e.path for e in os.scandir(tmp_path / "c")] if os.path.isdir(tmp_path / "c") else []
+        part = next((p for p in parts if p.endswith(".part") and os.path.getsize(p) > 4096), None)
+        if part:
+            break
+        time.sleep(0.005)
+    assert part, "the download never started"
+    server.kill()  # mid-transfer: connections cut, nothing listening
+    time.sleep(0.1)
+    revived = Server(server.folder, port=server.port)
+    try:
+        thread.join(30)
+        assert not errors and opened
+        resumed = [r for r in revived.ranges[names[0]] if r]
+        assert resumed and 0 < int(resumed[0].removeprefix("bytes=").rstrip("-")) < size  # went on from the part
+        assert revived.gets[names[0]] == 1
+        assert_same(batches(opened[0]), batches(TarSource([os.path.join(server.folder, n) for n in names])))
+    finally:
+        revived.close()
+
+
+def test_a_server_that_stays_down_is_a_data_error_naming_the_url(served, tmp_path):
+    server, names = served
+    urls = urls_of(server, names)
+    source = TarSource(urls, cache_dir=tmp_path / "c", fetch_options=FAST, lookahead=0)
+    shutil.rmtree(tmp_path / "c")
+    server.kill()
+    with pytest.raises(DataError, match=rf"^{urls[0]}: download failed after 3 tries \(URLError: .*refused"):
+        source.read_batch([0])
+
+
+def test_a_truncated_body_is_retried_then_named(served, tmp_path):
+    server, names = served
+    server.faults[names[1]] = {"truncate": 5000}
+    url = urls_of(server, names)[1]
+    size = os.path.getsize(os.path.join(server.folder, names[1]))
+    with pytest.raises(DataError, match=rf"^{url}: download failed after 3 tries \(short body: 15000 of {size} "
+                                        r"bytes\); the partial file .*\.part is kept for the next run to resume$"):
+        TarSource(urls_of(server, names), cache_dir=tmp_path / "c", fetch_options={**FAST, "workers": 1})
+    assert server.gets[names[1]] == 3
+
+
+def test_a_shard_with_the_wrong_checksum_is_deleted_and_never_read(served, tmp_path):
+    server, names = served
+    urls = urls_of(server, names)
+    good = {n: sha(os.path.join(server.folder, n), "sha256") for n in names}
+    manifest = tmp_path / "SHA256SUMS"
+    manifest.write_text("".join(f"{'0' * 64 if n == names[2] else good[n]}  {n}\n" for n in names))
+    with pytest.raises(DataError, match=rf"^{urls[2]}: downloaded file does not match: sha256 {good[names[2]]}, "
+                                        f"expected {'0' * 64}; it was deleted, not used$"):
+        TarSource(urls, cache_dir=tmp_path / "c", manifest=manifest)
+    assert [f for f in os.listdir(tmp_path / "c") if names[2] in f] == []  # no shard file, no .part
+    manifest.write_text("".join(f"{good[n]} *{n}\n" for n in names))  # sha256sum's binary mark
+    assert len(TarSource(urls, cache_dir=tmp_path / "c", manifest=manifest)) == 300
+
+
+def test_a_missing_shard_is_a_404_naming_its_url_at_construction(served, tmp_path):
+    server, names = served
+    missing = f"{server.url}/train-999999.tar"
+    with pytest.raises(DataError, match=rf"^{missing}: HTTP 404 Not Found$"):
+        TarSource([*urls_of(server, names), missing], cache_dir=tmp_path / "c")
+    assert server.gets["train-999999.tar"] == 0 and server.heads["train-999999.tar"] == 1
+
+
+def test_the_cache_never_holds_more_than_its_limit_plus_one_shard(served, tmp_path):
+    server, names = served
+    biggest = max(os.path.getsize(os.path.join(server.folder, n)) for n in names)
+    limit = 2 * biggest
+    folder = tmp_path / "c"
+    folder.mkdir()
+    peak, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], held_bytes(folder))
+            time.sleep(0.0005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        source = TarSource(urls_of(server, names), cache_dir=folder, cache_limit=limit, lookahead=4)
+        local = TarSource([os.path.join(server.folder, n) for n in names])
+        got = batches(source, shuffle="block", window=1)  # a shard at a time: two where one gives way to the next
+        with pytest.warns(RuntimeWarning, match=r"a full shuffle over [\d,]+ bytes .* shuffle='block'"):
+            Loader(source, Sampler(len(source), 32, shuffle="full"))
+        with pytest.warns(RuntimeWarning, match=r"a block shuffle mixes 2 shards at a time \(window=2\), .* up to "
+                                                r"[\d,]+ bytes, more than the shard cache holds .* Use window=1 or less"):
+            Loader(source, Sampler(len(source), 32, shuffle="block", blocks=source.block_starts, window=2))
+    finally:
+        stop.set()
+        watcher.join()
+    assert_same(got, batches(local, shuffle="block", window=1))
+    assert 0 < peak[0] <= limit + biggest, (peak[0], limit, biggest)
+    assert len(shard_files(folder)) < len(names)  # it did evict
+    assert all(server.gets[n] <= 2 for n in names), dict(server.gets)  # indexing, then at most once in the epoch
+
+
+def test_the_loader_fetches_the_shards_of_the_next_steps_ahead(served, tmp_path):
+    server, names = served
+    urls = urls_of(server, names)
+    TarSource(urls, cache_dir=tmp_path / "c")  # indexes them (downloads each once)
+    shutil.rmtree(tmp_path / "c")
+    source = TarSource(urls, cache_dir=tmp_path / "c")  # the index is kept: nothing downloaded
+    loader = Loader(source, Sampler(len(source), 64, shuffle="none", num_epochs=1), lookahead=2)
+    assert loader.lookahead == 2 and shard_files(tmp_path / "c") == []
+
+    def cached(k):  # shard k in the cache, waiting a little for the background fetch
+        deadline = time.monotonic() + 10
+        while source.shard_cache.local_if_cached(k) is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return source.shard_cache.local_if_cached(k) is not None
+
+    loader.get_batch(0)  # shard 0 (64 records a shard); shard 1 comes in the background
+    assert loader._ahead.wait() and cached(1)
+    time.sleep(0.05)
+    assert source.shard_cache.local_if_cached(2) is None  # outside the window of 2 steps
+    loader.get_batch(1)
+    assert loader._ahead.wait() and cached(2)
+    assert [server.gets[n] for n in names] == [2, 2, 2, 1, 1]
+    assert_same(list(iter(loader)), batches(TarSource([os.path.join(server.folder, n) for n in names]), 64, "none"))
+    # Each shard read fetched once more (ahead or on demand); the last one, which only the
+    # remainder of the epoch reads (dropped: drop_remainder), never.
+    assert [server.gets[n] for n in names] == [2, 2, 2, 2, 1]
+    assert Loader(TarSource([os.path.join(server.folder, n) for n in names]),
+                  Sampler(300, 64, shuffle="none")).lookahead == 0  # local files: nothing to fetch
+
+
+def test_compressed_shards_local_and_remote_read_as_the_tar_inside(served, tmp_path):
+    server, names = served
+    gz = []
+    for n in names:
+        with gzip.open(os.path.join(server.folder, n.replace(".tar", ".tgz")), "wb") as g:
+            g.write(read(os.path.join(server.folder, n)))
+        local_gz = tmp_path / n.replace(".tar", ".tar.gz")
+        shutil.copy(os.path.join(server.folder, n.replace(".tar", ".tgz")), local_gz)
+        gz.append(str(local_gz))
+    want = batches(TarSource([os.path.join(server.folder, n) for n in names]))
+    assert_same(batches(TarSource(gz, cache_dir=tmp_path / "c")), want)
+    want_key = TarSource(gz, cache_dir=tmp_path / "c").sample_key(0)
+    remote = TarSource([f"{server.url}/{n.replace('.tar', '.tgz')}" for n in names], cache_dir=tmp_path / "c2")
+    assert_same(batches(remote), want)
+    assert remote.describe() == TarSource([os.path.join(server.folder, n) for n in names]).describe()
+    # A local .tgz rewritten with other data is read anew, not from the cache's copy of the old one.
+    with gzip.open(gz[0], "wb") as g:
+        g.write(read(os.path.join(server.folder, names[1])))
+    again = TarSource(gz, cache_dir=tmp_path / "c")
+    assert again.sample_key(0) == TarSource(os.path.join(server.folder, names[1])).sample_key(0) != want_key
+
+
+def test_a_list_mixing_local_remote_and_compressed_shards(served, tmp_path):
+    server, names = served
+    files = [os.path.join(server.folder, n) for n in names]
+    gz = str(tmp_path / names[2].replace(".tar", ".tgz"))
+    with gzip.open(gz, "wb") as g:
+        g.write(read(files[2]))
+    mixed = [files[0], f"{server.url}/{names[1]}", gz, *files[3:]]
+    source = TarSource(mixed, cache_dir=tmp_path / "c", cache_limit=10 << 20)
+    assert source.shards == mixed
+    assert_same(batches(source, shuffle="block", window=2), batches(TarSource(files), shuffle="block", window=2))
+    assert source.describe() == TarSource(files).describe()
+
+
+def test_a_remote_source_and_its_loader_pickle_without_their_threads(served, tmp_path):
+    server, names = served
+    source = TarSource(urls_of(server, names), cache_dir=tmp_path / "c")
+    loader = Loader(source, Sampler(len(source), 32, seed=1))
+    first = loader.get_batch(0)  # starts the lookahead thread and the fetch pool
+    copy = pickle.loads(pickle.dumps(loader))
+    assert copy._ahead is None
+    assert_same([copy.get_batch(0), copy.get_batch(3)], [first, loader.get_batch(3)])
+
+
+def test_a_file_changed_on_the_server_after_indexing_is_refused(served, tmp_path):
+    server, names = served
+    urls = urls_of(server, names)
+    source = TarSource(urls, cache_dir=tmp_path / "c", lookahead=0)
+    shutil.rmtree(tmp_path / "c")
+    server.faults[names[0]] = {"etag": '"another"'}
+    with pytest.raises(DataError, match=rf"^{urls[0]}: the file changed on the server since it was indexed "
+                                        r"\(ETag \"another\", expected \"[0-9a-f]{16}\"\); open the source again"):
+        source.read_batch([0])
+
+
+def test_torch_adapter_reads_remote_shards_and_fetches_ahead(served, tmp_path):
+    pytest.importorskip("torch")
+    from adapters.torch import TorchLoader
+
+    server, names = served
+    source = TarSource(urls_of(server, names), cache_dir=tmp_path / "c")
+    shutil.rmtree(tmp_path / "c")
+    source = TarSource(urls_of(server, names), cache_dir=tmp_path / "c")
+    sampler = Sampler(len(source), 32, seed=5, num_epochs=1)
+    got = [{k: v.numpy() for k, v in b.items()} for b in TorchLoader(source, sampler)]
+    local = TarSource([os.path.join(server.folder, n) for n in names])
+    assert_same(got, list(Loader(local, Sampler(len(local), 32, seed=5, num_epochs=1))))
+    assert all(server.gets[n] == 2 for n in names)
+
+
+def test_other_protocols_go_through_fsspec(served, tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    server, names = served
+    fs = fsspec.filesystem("memory")
+    urls = []
+    try:
+        for n in names:
+            with fs.open(f"/tandem-test/{n}", "wb") as f:
+                f.write(read(os.path.join(server.folder, n)))
+            urls.append(f"memory://tandem-test/{n}")
+        local = TarSource([os.path.join(server.folder, n) for n in names])
+        assert_same(batches(TarSource(urls, cache_dir=tmp_path / "c")), batches(local))
+        with pytest.raises(DataError, match=r"^memory://tandem-test/nope.tar: not found$"):
+            TarSource([*urls, "memory://tandem-test/nope.tar"], cache_dir=tmp_path / "c")
+    finally:
+        fs.rm("/tandem-test", recursive=True)
+    with pytest.raises(DataError, match=r"^nosuchproto://b/a.tar: this protocol needs a package that is not installed"):
+        TarSource(["nosuchproto://b/a.tar"], cache_dir=tmp_path / "c")
+
+
+def test_cache_file_names_stay_in_the_cache_folder(tmp_path):
+    cache = ShardCache(tmp_path / "c")
+    for url in ["http://h/../../etc/passwd", "http://h/a/..%2F..%2Fx.tar?sig=/../y", "s3://b/.hidden", "http://h/"]:
+        path = cache.local_path(url)
+        assert os.path.dirname(path) == str(tmp_path / "c") and _SHARD_FILE.match(os.path.basename(path)), path
+    assert cache.local_path("http://h/a.tar") != cache.local_path("http://g/a.tar")
+
+
+def test_manifests_match_shards_by_their_path_end(tmp_path):
+    (tmp_path / "m.json").write_text('{"seq1/shards-0000.tar": {"sha256": "' + "a" * 64 + '", "size": 5}}')
+    urls = ["http://h/d/seq1/shards-0000.tar", "http://h/d/seq2/shards-0000.tar"]
+    assert resolve_shards(urls, tmp_path / "m.json")[1] == {urls[0]: {"sha256": "a" * 64, "size": 5}}
+    (tmp_path / "SUMS").write_text(f"{'b' * 40}  shards-0000.tar\n")
+    assert read_manifest(tmp_path / "SUMS") == {"shards-0000.tar": {"sha1": "b" * 40}}
+    with pytest.raises(DataError, match=r"SUMS: entry 'shards-0000.tar' matches 2 shards"):
+        resolve_shards(urls, tmp_path / "SUMS")
+    (tmp_path / "bad").write_text("not a checksum line\n")
+    with pytest.raises(DataError, match=r"bad: line 1 is not '<sha256 or sha1 hex>  <shard name>'"):
+        read_manifest(tmp_path / "bad")
+
+
+def test_two_processes_reading_remote_shards_download_each_once(served, tmp_path):
+    server, names = served
+    code = textwrap.dedent(f"""
+        import hashlib
+        from loaders import Loader, Sampler, TarSource
+        src = TarSource([{server.url!r} + "/" + n for n in {names!r}], cache_dir={str(tmp_path / "shared")!r})
+        h = hashlib.sha256()
+        for b in Loader(src, Sampler(len(src), 32, seed=2, num_epochs=1)):
+            h.update(b["npy"].tobytes()); h.update(b["cls"].tobytes())
+        print(h.hexdigest())
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    h = hashlib.sha256()
+    local = TarSource([os.path.join(server.folder, n) for n in names])
+    for b in Loader(local, Sampler(len(local), 32, seed=2, num_epochs=1)):
+        h.update(b["npy"].tobytes())
+        h.update(b["cls"].tobytes())
+    assert outs == [h.hexdigest()] * 2 and [p.returncode for p in procs] == [0, 0]
+    assert dict(server.gets) == {n: 1 for n in names}
