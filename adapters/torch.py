@@ -538,6 +538,21 @@ class _AtekLoader(TorchLoader):
         return self._items(super().iter_from(step))
 
 
+def load_yaml_and_extract_tar_list(yaml_path: str) -> list[str]:
+    """ATEK's ``load_yaml_and_extract_tar_list``: the shards of a ``local_*_tars.yaml`` (paths,
+    relative ones taken from the YAML's folder) or ``streamable_*_tars.yaml`` (URLs), in order.
+
+    Passing the YAML path itself to :func:`create_native_atek_dataloader` or
+    :class:`loaders.TarSource` does the same and also keeps the sha1 and size the streamable
+    lists carry, so streamed shards are checked.
+    """
+    from loaders import expand_shards
+
+    if not str(yaml_path).endswith((".yaml", ".yml")):
+        raise ValueError(f"{yaml_path}: expected a .yaml shard list as ATEK's downloader writes it")
+    return expand_shards(yaml_path)
+
+
 def _split_shards(urls: Any, nodesplitter: Callable) -> list[str]:
     """The shards a webdataset-style ``nodesplitter`` leaves this process: it is given
     ``{"url": shard}`` dicts, as webdataset gives it, and may yield dicts or shard strings."""
@@ -566,6 +581,7 @@ def create_native_atek_dataloader(
     drop_last: bool = False,
     transform_stream: bool | None = None,
     allow_pickle: bool = False,
+    source_options: Mapping[str, Any] | None = None,
 ) -> TorchLoader:
     """ATEK's ``create_native_atek_dataloader``, reading through Tandem's resumable TarSource.
 
@@ -579,7 +595,8 @@ def create_native_atek_dataloader(
     their own names (numeric arrays as tensors).
 
     Args:
-      urls: local tar paths, a glob/brace pattern, or ATEK's ``local_*_tars.yaml``.
+      urls: tar paths or URLs, a glob/brace pattern, or ATEK's ``local_*_tars.yaml`` /
+        ``streamable_*_tars.yaml`` (URLs are read through the shard cache, see ``source_options``).
       nodesplitter: which part of the data this process reads. A :class:`ProcessPart` splits
         the records (every rank gets as many steps). A callable splits the shards as in
         webdataset (``webdataset.split_by_node``, ``webdataset.single_node_only`` or your
@@ -612,6 +629,8 @@ def create_native_atek_dataloader(
       transform_stream: whether ``data_transform_fn`` is an iterator adaptor (None: guess).
       allow_pickle: ``.pth`` members beyond what ``weights_only=True`` loads need it (ATEK's
         reader unpickles them all; here that is your explicit choice).
+      source_options: more :class:`loaders.TarSource` arguments, e.g. for URLs
+        ``{"cache_dir": ..., "cache_limit": 20 * 2**30}`` (the shard cache).
 
     The loader resumes: ``state_dict()`` / ``load_state_dict()`` as :class:`TorchLoader`.
     Every sample must have every member that is read (ATEK would read it and fail in collation).
@@ -627,14 +646,18 @@ def create_native_atek_dataloader(
         part, shards = _distributed_part(dist.is_available() and dist.is_initialized()), urls
     from loaders import DataError
 
-    probe = TarSource(shards, keys=["__key__"])  # the fields found (the index is built once, then cached)
+    options = dict(source_options or {})
+    clash = sorted(set(options) & {"keys", "image", "allow_pickle"})
+    if clash:
+        raise TypeError(f"source_options may not set {clash}: create_native_atek_dataloader chooses them")
+    probe = TarSource(shards, keys=["__key__"], **options)  # the fields found (the index is built once, then cached)
     fields = _atek_fields(probe.found_fields, dict_key_mapping)
     if not fields:
         names = sorted({_atek_name(f) for f in probe.found_fields} - {_atek_name(f) for f in probe.found_fields
                                                                          if f.startswith("gt_data#")})
         raise DataError(f"dict_key_mapping names none of the ATEK keys of these shards: mapping {sorted(dict_key_mapping)}, "
                         f"keys {names} (in {probe.shards[0]} ...)")
-    source = TarSource(shards, keys=[*fields, "__key__", "__url__"], image="rgb8", allow_pickle=allow_pickle)
+    source = TarSource(shards, keys=[*fields, "__key__", "__url__"], image="rgb8", allow_pickle=allow_pickle, **options)
     sampler = Sampler(
         len(source),
         (batch_size or 1) * part.count,

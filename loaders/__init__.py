@@ -15,6 +15,7 @@ from ._sampler import Sampler, record_rng
 from ._shards import expand_shards
 from ._state import LoaderState
 from ._tar import TarSource
+from ._tar_format import TruncatedTarWarning
 
 __all__ = [
     "COLLATE_FN_REGISTRY",
@@ -29,6 +30,7 @@ __all__ = [
     "Sampler",
     "StateMismatchError",
     "TarSource",
+    "TruncatedTarWarning",
     "expand_shards",
     "record_rng",
 ]
