@@ -6,8 +6,8 @@ import gc
 import io
 import json
 import os
-import re
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
