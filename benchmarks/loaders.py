@@ -84,9 +84,23 @@ def loader_rate(loader: Loader, samples: int) -> int:
     return n
 
 
-def bench_tar(table: Table, n: int, repeats: int) -> None:
+def wds_in_order(shards: list[str], n: int) -> int:
+    """The anchor: webdataset reading ``shards`` (paths or URLs) in order, decoded, for up to
+    20,000 samples; returns how many it read."""
     import webdataset as wds
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        count = 0
+        for _ in wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode():
+            count += 1
+            if count >= min(n, 20_000):
+                break
+        gc.collect()
+    return count
+
+
+def bench_tar(table: Table, n: int, repeats: int) -> None:
     shards = make_tar(cache_dir("tar"), n)
     with tempfile.TemporaryDirectory() as index_dir:
         src = TarSource(shards, index_dir=index_dir)
@@ -97,15 +111,7 @@ def bench_tar(table: Table, n: int, repeats: int) -> None:
             return loader_rate(Loader(src, Sampler(n, BATCH, seed=0, shuffle="full")), loader_samples - BATCH)
 
         def anchor():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ResourceWarning)
-                count = 0
-                for _ in wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode():
-                    count += 1
-                    if count >= min(n, 20_000):
-                        break
-                gc.collect()
-            return count
+            return wds_in_order(shards, n)
 
         ours()  # warm the page cache
         table.add("TarSource, full shuffle, batch 256", rate(ours, repeats),
@@ -202,8 +208,6 @@ class _HTTPServer:
 
 
 def bench_remote(table: Table, n: int, repeats: int) -> None:
-    import webdataset as wds
-
     shards = make_tar(cache_dir("tar-remote"), n, per_shard=n // 20)
     work = tempfile.mkdtemp(prefix="tandem-bench-remote-")
     server = _HTTPServer(os.path.dirname(shards[0]), os.path.join(work, "server.log"))
@@ -227,15 +231,7 @@ def bench_remote(table: Table, n: int, repeats: int) -> None:
                            "TarSource, the same shards as local files", full(local), 0.9, repeats)
 
         def streaming():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ResourceWarning)
-                count = 0
-                for _ in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode():
-                    count += 1
-                    if count >= min(n, 20_000):
-                        break
-                gc.collect()
-            return count
+            return wds_in_order(urls, n)
 
         anchor = rate(streaming, repeats)
         table.add("TarSource over HTTP, warm shard cache, full shuffle", rate(full(remote), repeats),

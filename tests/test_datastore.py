@@ -7,7 +7,6 @@ import random
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import yaml
 
@@ -15,6 +14,7 @@ from loaders import DataError, Loader, Sampler, TarSource
 from loaders.datastore import main, pick_sequences, read_url_json, run
 from tests.conftest import make_records, write_wds
 from tests.httpserver import Server
+from tests.test_remote import assert_same
 
 SEQUENCES = ["seq_c", "seq_a", "seq_e", "seq_b", "seq_d", "seq_f"]
 FAST = {"retries": 1, "backoff": 0.01, "progress": False}
@@ -76,14 +76,6 @@ def args(json_path, out, *extra):
 
 def all_batches(source):
     return list(Loader(source, Sampler(len(source), 16, seed=7, shuffle="none", num_epochs=1, drop_remainder=False)))
-
-
-def assert_same(got, want):
-    assert len(got) == len(want)
-    for a, b in zip(got, want, strict=True):
-        assert a.keys() == b.keys()
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_download_to_local_writes_atek_layout_and_lists(store, tmp_path, capsys):
