@@ -201,6 +201,9 @@ def test_bad_input_is_named(tmp_path, capsys):
     (tmp_path / "u.json").write_text(json.dumps(doc))
     with pytest.raises(DataError, match=r"u.json: cubercnn/\.\./escape: the sequence name is not a safe folder name"):
         read_url_json(str(tmp_path / "u.json"), "cubercnn")
+    assert main(args(str(tmp_path / "u.json"), tmp_path / "out", "--download-wds-to-local")) == 2
+    assert "the sequence name is not a safe folder name" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "escape")  # nothing written
     assert main(args(str(tmp_path / "u.json"), tmp_path / "out", "--config-name", "efm")) == 2
     assert "no config 'efm'; the file has ['cubercnn']" in capsys.readouterr().err
 
