@@ -159,12 +159,21 @@ def decode(ext: str, data: bytes, where: Any, *, allow_pickle: bool = False, ima
     return bytes(data)
 
 
-def gunzip(data: bytes, where: Any) -> bytes:
-    """A ``.gz`` member's decompressed bytes."""
+MEMBER_LIMIT = 1 << 31  # bytes a .gz or .npz member may expand to: a decompression bomb is an error, not an OOM
+
+
+def gunzip(data: bytes, where: Any, limit: int | None = None) -> bytes:
+    """A ``.gz`` member's decompressed bytes (at most ``limit``, default :data:`MEMBER_LIMIT`)."""
+    limit = MEMBER_LIMIT if limit is None else limit
     try:
-        return gzip.decompress(data)
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            out = f.read(limit + 1)
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
         raise DataError(f"{where}: not valid gzip data ({e})") from None
+    if len(out) > limit:
+        raise DataError(f"{where}: decompresses to more than {limit} bytes; refusing it "
+                        "(read such members with decode=False)")
+    return out
 
 
 def _json(data: bytes, where: Any, allow_pickle: bool) -> Any:
@@ -180,7 +189,13 @@ def _npz(data: bytes, where: Any, allow_pickle: bool) -> dict[str, np.ndarray]:
         raise DataError(f"{where}: not a readable .npz (not a zip archive)")
     try:
         with np.load(io.BytesIO(data), allow_pickle=allow_pickle) as z:
+            expands = sum(info.file_size for info in z.zip.infolist())
+            if expands > MEMBER_LIMIT:
+                raise DataError(f"{where}: a .npz whose arrays take {expands} bytes, more than {MEMBER_LIMIT}; refusing it "
+                                "(read such members with decode=False)")
             return {name: z[name] for name in z.files}
+    except DataError:
+        raise
     except Exception as e:  # zipfile, zlib and numpy's format reader raise many kinds
         raise DataError(f"{where}: not a readable .npz ({e})") from None
 

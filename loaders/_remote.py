@@ -40,6 +40,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError, Future
 from typing import Any, BinaryIO, NamedTuple
@@ -906,18 +907,29 @@ def _check(path: str, url: str, size: int | None, sha1: str | None, sha256: str 
 
 
 def _gunzip(src: str, dest: str, url: str) -> None:
-    """Decompress ``src`` into ``dest`` (at most :data:`GUNZIP_LIMIT` bytes)."""
+    """Decompress ``src`` into ``dest`` (at most :data:`GUNZIP_LIMIT` bytes). A stream that is not
+    gzip and a write that fails (a full disk) are told apart in the error."""
     done = 0
     try:
         with gzip.open(src, "rb") as f, open(dest, "wb") as out:
-            for block in iter(lambda: f.read(CHUNK), b""):
+            while True:
+                try:
+                    block = f.read(CHUNK)
+                except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+                    raise DataError(f"{url}: not a valid gzip file ({e})") from None
+                if not block:
+                    break
                 done += len(block)
                 if done > GUNZIP_LIMIT:
                     raise DataError(f"{url}: decompresses to more than {GUNZIP_LIMIT} bytes; refusing it")
-                out.write(block)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        _remove_quietly(dest)
-        raise DataError(f"{url}: not a valid gzip file ({e})") from None
+                try:
+                    out.write(block)
+                except OSError as e:
+                    raise DataError(f"{url}: decompressing into {dest} failed after {done - len(block)} bytes "
+                                    f"({e})") from None
     except DataError:
-        os.remove(dest)
+        _remove_quietly(dest)
         raise
+    except OSError as e:  # opening either file
+        _remove_quietly(dest)
+        raise DataError(f"{url}: cannot decompress into {dest} ({e})") from None

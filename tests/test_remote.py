@@ -153,6 +153,20 @@ def test_compressed_shards_are_decompressed_once(served, tmp_path):
         cache.fetch(str(tmp_path / "bad.tgz"))
 
 
+def test_a_compressed_shard_that_expands_too_far_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    import loaders._remote as remote
+
+    bomb = tmp_path / "bomb.tar.gz"
+    bomb.write_bytes(gzip.compress(b"\0" * 5 * 2**20))  # 5 MiB of zeros: 5 kB compressed
+    monkeypatch.setattr(remote, "CHUNK", 2**20)
+    monkeypatch.setattr(remote, "GUNZIP_LIMIT", 3 * 2**20)
+    cache = ShardCache(tmp_path / "c")
+    with pytest.raises(DataError) as e:
+        cache.fetch(str(bomb))
+    assert str(e.value) == f"{bomb}: decompresses to more than {3 * 2**20} bytes; refusing it"
+    assert [n for n in os.listdir(tmp_path / "c") if not n.startswith(".")] == []  # no .part left
+
+
 def test_cache_stays_under_its_limit_plus_one_shard_and_keeps_pinned(served, tmp_path):
     server, names = served
     sizes = [os.path.getsize(os.path.join(server.folder, n)) for n in names]

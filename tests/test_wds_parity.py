@@ -159,6 +159,29 @@ def test_gz_member_that_is_not_gzip(tmp_path):
     assert TarSource(path, decode=False)[1]["txt.gz"] == b"plain text"
 
 
+def test_decompression_bombs_are_refused_by_name(tmp_path, monkeypatch):
+    """A .gz or .npz member that expands past MEMBER_LIMIT is an error naming it, not an OOM;
+    one just under the limit is read."""
+    import loaders._decode as decode
+
+    monkeypatch.setattr(decode, "MEMBER_LIMIT", 10_000)
+    bomb, fits = gzip.compress(b"\0" * 10_001), gzip.compress(b"a" * 10_000)
+    small, big = io.BytesIO(), io.BytesIO()
+    np.savez_compressed(small, x=np.zeros(100, np.uint8))
+    np.savez_compressed(big, x=np.zeros(5_000, np.uint8), y=np.zeros(5_000, np.uint8))  # 10,000 bytes + headers
+    path = write_tar(tmp_path / "b.tar", [("a.txt.gz", fits), ("a.npz", small.getvalue()),
+                                          ("b.txt.gz", bomb), ("b.npz", big.getvalue())])
+    src = TarSource(path)
+    assert src[0]["txt.gz"] == "a" * 10_000 and src[0]["npz"]["x"].shape == (100,)
+    with pytest.raises(DataError) as e:
+        TarSource(path, keys=["txt.gz"])[1]
+    assert str(e.value).endswith("member b.txt.gz: decompresses to more than 10000 bytes; refusing it "
+                                 "(read such members with decode=False)")
+    with pytest.raises(DataError, match=r"member b\.npz: a \.npz whose arrays take 10256 bytes, more than 10000; "):
+        TarSource(path, keys=["npz"])[1]
+    assert len(TarSource(path, decode=False)[1]["txt.gz"]) == len(bomb)
+
+
 def test_npz_with_objects_is_refused(tmp_path):
     buf = io.BytesIO()
     np.savez(buf, ok=np.arange(3), bad=np.array([{"a": 1}], dtype=object))
