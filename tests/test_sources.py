@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -136,20 +137,26 @@ def test_truncated_tar_names_file_and_member(wds_shards_plain, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
-def test_one_range_lives_as_long_as_a_view_of_it(wds_shards_plain):
+def test_one_range_lives_as_long_as_a_view_of_it(wds_shards_plain, tmp_path):
     from loaders._span import map_span
 
+    shards = []  # copies no other test's source maps (those may be freed by a collection at any time)
+    for i, path in enumerate(wds_shards_plain):
+        shards.append(str(tmp_path / f"only-this-test-{i}.tar"))
+        shutil.copy(path, shards[-1])
+
     def mapped():
-        return Path("/proc/self/maps").read_text().count(os.path.basename(wds_shards_plain[0]))
+        return Path("/proc/self/maps").read_text().count(os.path.basename(shards[0]))
 
     gc.collect()
-    before = mapped()  # other tests' sources over the same shards may still be alive
-    src = TarSource(wds_shards_plain)
+    before = mapped()
+    assert before == 0
+    src = TarSource(shards)
     batch = src.read_batch(np.arange(len(src)))
     window = src._all_shards().windows.get(8)
     del src
     gc.collect()
-    assert mapped() == before + 1 and bytes(window[0][:5]) == Path(wds_shards_plain[0]).read_bytes()[:5]
+    assert mapped() == before + 1 and bytes(window[0][:5]) == Path(shards[0]).read_bytes()[:5]
     del window
     gc.collect()
     assert mapped() == before  # unmapped with the last view; the batch read before is a copy and stays valid
