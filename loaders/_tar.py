@@ -139,8 +139,6 @@ class TarSource:
         self.decode = decode
         self.allow_pickle = allow_pickle
         self._ix: TarIndex = open_tar_index(paths, self.index_dir, progress, cached=self.shard_cache)
-        if self.shard_cache is not None:  # cached shards come and go: one span of them all only where none is evicted
-            self._all_shards = functools.partial(self.shard_cache.span, self._ix)
         found = self._ix.fields
         self.fields = list(keys) if keys is not None else list(found)
         if not self.fields:
@@ -469,6 +467,8 @@ class TarSource:
     def _all_shards(self) -> Span | None:
         """Every shard mapped into one address range (made once per process), or None where
         that is not possible: then batches are gathered shard by shard."""
+        if self.shard_cache is not None:  # cached shards come and go: one span of them all only where none is evicted
+            return self.shard_cache.span(self._ix)
         pid = os.getpid()
         with self._lock:
             if self._span_pid != pid:
