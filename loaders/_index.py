@@ -30,7 +30,7 @@ import numpy as np
 from ._errors import DataError
 from ._guard import file_digest
 from ._progress import progress as _progress
-from ._remote import CachedShards
+from ._remote import CachedShards, cache_key
 from ._tar_format import INDEX_VERSION, _read_index, default_index_dir, load_index, scan_tar
 
 SET_PREFIX = "set-"  # combined indexes: <index_dir>/set-<digest>/
@@ -285,10 +285,9 @@ def open_cached_index(paths: Sequence[str], cached: CachedShards, index_dir: str
     big = np.iinfo(np.int64).max
     sizes = np.array([st.st_size if st is not None else (cached.sizes[s] if cached.sizes[s] is not None else big)
                       for s, st in enumerate(stats)], dtype=np.int64)
+    files = [_url_index_file(index_dir, p, i) if c else None for p, i, c in zip(paths, ids, cached.cached, strict=True)]
     found = _open_set(folder, sizes)
     if found is None:
-        files = [_url_index_file(index_dir, p, i) if c else None
-                 for p, i, c in zip(paths, ids, cached.cached, strict=True)]
         known = {s: ix for s, f in enumerate(files) if f is not None and (ix := _read_url_index(f, paths[s], ids[s]))}
         digests = [known[s].pop("digest") if s in known else None for s in range(len(paths))]
         missing = [s for s, f in enumerate(files) if f is not None and s not in known]
@@ -321,11 +320,14 @@ def open_cached_index(paths: Sequence[str], cached: CachedShards, index_dir: str
     for s in range(len(paths)):
         if cached.cached[s] and cached.sizes[s] is None:
             cached.sizes[s] = int(ends[s]) + 1024  # a decompressed shard: its members, and the end-of-archive blocks
+    cached.indexed(found.meta["digests"], [*files, folder])
     return found
 
 
 def _url_index_file(index_dir: str, url: str, identity: str) -> str:
-    key = json.dumps([INDEX_VERSION, url, identity]).encode("utf-8", "surrogateescape")
+    """Where the index of one cached shard is kept: under what names its content (see
+    :func:`loaders._remote.cache_key`)."""
+    key = json.dumps([INDEX_VERSION, cache_key(url, identity)]).encode("utf-8", "surrogateescape")
     return os.path.join(index_dir, URL_PREFIX + hashlib.sha256(key).hexdigest()[:32] + ".npz")
 
 
@@ -336,8 +338,7 @@ def _read_url_index(file: str, url: str, identity: str) -> dict[str, Any] | None
             meta = json.loads(str(z["meta"][()]))
     except Exception:  # absent, torn or foreign: scan the shard again
         return None
-    if not isinstance(meta, dict) or [meta.get("version"), meta.get("url"), meta.get("id")] != [INDEX_VERSION, url,
-                                                                                                   identity]:
+    if not isinstance(meta, dict) or [meta.get("version"), meta.get("key")] != [INDEX_VERSION, cache_key(url, identity)]:
         return None
     if not isinstance(meta.get("size"), int) or not isinstance(meta.get("digest"), str):
         return None
@@ -348,7 +349,8 @@ def _read_url_index(file: str, url: str, identity: str) -> dict[str, Any] | None
 
 
 def _write_url_index(file: str, url: str, identity: str, size: int, digest: str, ix: dict[str, Any]) -> None:
-    meta = {"version": INDEX_VERSION, "url": url, "id": identity, "size": size, "digest": digest}
+    meta = {"version": INDEX_VERSION, "url": url, "id": identity, "key": cache_key(url, identity), "size": size,
+            "digest": digest}
     tmp = _tmp_name(file)
     try:
         os.makedirs(os.path.dirname(file), exist_ok=True)

@@ -8,12 +8,16 @@ file here; everything after that is the local path. :class:`ShardCache`:
   (``s3://``, ``gs://``, ...) through fsspec when it and the protocol's package are
   installed; ``.tar.gz`` / ``.tgz`` (remote or local) are decompressed once;
 - writes to a temporary name and renames, so a file under its final name is complete;
-- resumes a partial download (HTTP ``Range``, with ``If-Range`` and an ETag check, so a
-  file that changed on the server is fetched again, not spliced) and retries with
-  exponential backoff on 429, 5xx, dropped connections, timeouts and short bodies; other
-  HTTP errors (404) fail at once. After the retries, a :class:`DataError` names the URL;
+- resumes a partial download (HTTP ``Range``, with ``If-Range`` and a check of the ETag, or
+  of ``Last-Modified`` where the server sends no ETag, so a file that changed on the server
+  is fetched again, not spliced; with neither, a partial file is started over) and retries
+  with exponential backoff on 429, 5xx, dropped connections, timeouts, stalled transfers
+  (below ``min_rate``) and short bodies; other HTTP errors (404) fail at once. After the
+  retries, a :class:`DataError` names the URL;
 - checks the size (the server's, or one given) and a checksum when one is known
-  (``sha1=`` as in ATEK's URL lists, ``sha256=``); a file that fails is deleted, never used;
+  (``sha1=`` as in ATEK's URL lists, ``sha256=``); a file that fails is deleted, never used.
+  A body sent with no length must end as a tar archive does (two zero blocks), or it is
+  taken for one cut short;
 - lets the processes of a node share one folder: a file lock per shard, so a shard
   is fetched once however many processes ask for it;
 - stays under ``limit`` bytes (plus the one shard a reader needs now) by deleting the
@@ -35,6 +39,7 @@ import os
 import queue
 import random
 import re
+import shutil
 import threading
 import time
 import urllib.error
@@ -80,6 +85,37 @@ class RemoteInfo(NamedTuple):
     etag: str | None
 
 
+_LAST_MODIFIED = "Last-Modified "
+
+
+def _validator(headers: Any) -> str | None:
+    """What names the version of the file a server sends: its ETag, else its ``Last-Modified``
+    date (prefixed, so the two are told apart); None when it sends neither."""
+    etag = headers.get("ETag")
+    if etag:
+        return etag
+    modified = headers.get("Last-Modified")
+    return _LAST_MODIFIED + modified if modified else None
+
+
+def _bare(validator: str) -> str:
+    """``validator`` as a server writes it (what ``If-Range`` takes)."""
+    return validator.removeprefix(_LAST_MODIFIED)
+
+
+def _label(validator: str) -> str:
+    return validator if validator.startswith(_LAST_MODIFIED) else f"ETag {validator}"
+
+
+def cache_key(url: str, version: str | None) -> str:
+    """What a cached shard (and its index) is kept under: its checksum where one is known (so a
+    signed URL whose token changes each run is still the same file), else the URL and
+    ``version`` (an ETag, a modification time)."""
+    if version and version.startswith(("sha256:", "sha1:")):
+        return version
+    return url if version is None else f"{url}\0{version}"
+
+
 class _Retry(Exception):
     """A failure worth another try (a dropped connection, a 5xx, a short body)."""
 
@@ -98,7 +134,7 @@ def _safe_name(url: str, version: str | None = None) -> str:
     base = re.sub(r"[^A-Za-z0-9._-]", "_", base)[-80:].lstrip(".") or "shard"
     if not base.endswith(".tar"):
         base += ".tar"
-    key = url if version is None else f"{url}\0{version}"
+    key = cache_key(url, version)
     return f"{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}-{base}"
 
 
@@ -192,7 +228,11 @@ class ShardCache:
         background fetches (:meth:`plan`) start only when they fit.
       retries: further tries after a failure worth retrying (then a ``DataError``).
       backoff: seconds before the first retry, doubled each time (with jitter).
-      timeout: seconds a connection may stay silent.
+      timeout: seconds a connection may stay silent; also the window over which ``min_rate``
+        is measured, and (times the tries) how long to wait for another process's fetch of the
+        same shard that makes no progress.
+      min_rate: bytes per second a transfer must keep up, averaged over ``timeout`` seconds;
+        a slower one is cut and retried (a server trickling bytes never times out).
       workers: shards fetched at once in the background.
       progress: ``fn(url, bytes_done, bytes_total_or_None)``, called as bytes arrive.
     """
@@ -205,6 +245,7 @@ class ShardCache:
         retries: int = 6,
         backoff: float = 0.5,
         timeout: float = 60.0,
+        min_rate: float = 1024.0,
         workers: int = 4,
         progress: Callable[[str, int, int | None], None] | None = None,
     ) -> None:
@@ -213,6 +254,7 @@ class ShardCache:
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.timeout = float(timeout)
+        self.min_rate = float(min_rate)
         self.workers = max(1, int(workers))
         self.progress = progress
         self._pool = _Workers(self.workers, "tandem-fetch")
@@ -392,7 +434,13 @@ class ShardCache:
         if url.lower().endswith(COMPRESSED):
             raw = self._download(url, part + ".gz", etag) if is_remote(url) else _local(url)
             _check(raw, url, size, sha1, sha256)
-            _gunzip(raw, part, url)
+            try:
+                _gunzip(raw, part, url)
+            except DataError:
+                if raw != _local(url):  # a download cut short with no length to tell: the next run starts over
+                    _remove_quietly(raw)
+                    _remove_quietly(self._etag_file(raw))
+                raise
             if raw != _local(url):
                 os.remove(raw)
                 _remove_quietly(self._etag_file(raw))
@@ -423,7 +471,8 @@ class ShardCache:
                 time.sleep(delay * (1 + random.random() * 0.25))
                 delay *= 2
         kept = f"; the partial file {part} is kept for the next run to resume" if part and os.path.exists(part) else ""
-        raise DataError(f"{url}: {doing} failed after {self.retries + 1} tries ({last}){kept}")
+        tries = f"{self.retries + 1} tries" if self.retries else "1 try"
+        raise DataError(f"{url}: {doing} failed after {tries} ({last}){kept}")
 
     def _download(self, url: str, part: str, etag: str | None = None) -> str:
         """``url`` into ``part``, resuming what an earlier try (or run) left there; returns ``part``."""
@@ -457,7 +506,7 @@ class ShardCache:
             except urllib.error.HTTPError as e2:
                 raise DataError(f"{url}: HTTP {e2.code} {e2.reason}") from None
         with resp:
-            etag = resp.headers.get("ETag")
+            etag = _validator(resp.headers)
             if resp.status == 206:
                 return RemoteInfo(_content_range_total(resp.headers.get("Content-Range")), etag)
             size = _int(resp.headers.get("Content-Length"))
@@ -465,12 +514,14 @@ class ShardCache:
 
     def _http(self, url: str, part: str, etag: str | None) -> None:
         have = os.path.getsize(part) if os.path.exists(part) else 0
-        seen = _read_text(self._etag_file(part)) if have else None  # the ETag of the bytes we have
+        seen = _read_text(self._etag_file(part)) if have else None  # the ETag (or date) of the bytes we have
+        if have and not seen:  # nothing says the bytes kept are of the version served now: start over
+            os.remove(part)
+            have = 0
         headers = {}
         if have:
             headers["Range"] = f"bytes={have}-"
-            if seen:
-                headers["If-Range"] = seen  # a server that knows it sends the whole new file if it changed
+            headers["If-Range"] = _bare(seen)  # a server that knows it sends the whole new file if it changed
         try:
             resp = self._open(url, headers)
         except urllib.error.HTTPError as e:
@@ -482,23 +533,26 @@ class ShardCache:
                 raise _Retry(f"HTTP 416 with {have} bytes kept of {total}; starting over") from None
             raise DataError(f"{url}: HTTP {e.code} {e.reason}") from None
         with resp:
-            got = resp.headers.get("ETag")
+            got = _validator(resp.headers)
             if etag and got and got != etag:
-                raise DataError(f"{url}: the file changed on the server since it was indexed (ETag {got}, expected "
-                                f"{etag}); open the source again to index the new version")
+                raise DataError(f"{url}: the file changed on the server since it was indexed ({_label(got)}, expected "
+                                f"{_bare(etag)}); open the source again to index the new version")
             if resp.status == 206:
                 start = _content_range_start(resp.headers.get("Content-Range"))
                 total = _content_range_total(resp.headers.get("Content-Range"))
-                if seen and got and got != seen:  # our bytes are of another version: start over
+                if got != seen:  # our bytes are of another version (or nothing says they are not): start over
                     os.remove(part)
-                    raise _Retry(f"the file changed on the server (ETag {got}, was {seen}); starting over")
+                    raise _Retry(f"the file changed on the server ({_label(got) if got else 'no ETag'}, was "
+                                 f"{_bare(seen)}); starting over")
                 if start != have:
                     raise _Retry(f"the server resumed at byte {start}, not {have}")
             else:  # 200: the whole file (the server ignored Range, or the file changed)
                 have, total = 0, _int(resp.headers.get("Content-Length"))
                 if got:
                     _write_text(self._etag_file(part), got)
-            self._copy(resp, part, have, total, url)
+                else:
+                    _remove_quietly(self._etag_file(part))
+            self._copy(resp, part, have, total, url, tar=not part.endswith(".gz"))
 
     def _fsspec_fs(self, url: str):
         try:
@@ -530,7 +584,7 @@ class ShardCache:
             total = fs.size(path)
             with fs.open(path, "rb") as f:
                 f.seek(have)
-                self._copy(f, part, have, total, url)
+                self._copy(f, part, have, total, url, tar=not part.endswith(".gz"))
         except FileNotFoundError:
             raise DataError(f"{url}: not found") from None
         except _Retry:
@@ -538,9 +592,12 @@ class ShardCache:
         except OSError as e:
             raise _Retry(f"{type(e).__name__}: {e}") from None
 
-    def _copy(self, src: BinaryIO, part: str, have: int, total: int | None, url: str) -> None:
+    def _copy(self, src: BinaryIO, part: str, have: int, total: int | None, url: str, tar: bool) -> None:
+        """Append ``src`` to ``part`` (from byte ``have``). ``total``: the file's length, if the
+        server said; else a ``tar`` must end with its end-of-archive blocks to count as whole."""
         done = have
         read = getattr(src, "read1", None) or src.read  # read1: what has arrived, so a cut transfer keeps it
+        window, since = time.monotonic(), done  # the rate is measured over windows of ``timeout`` seconds
         with open(part, "r+b" if have else "wb") as out:
             out.seek(have)
             out.truncate()
@@ -555,10 +612,19 @@ class ShardCache:
                 done += len(chunk)
                 if self.progress is not None:
                     self.progress(url, done, total)
+                now = time.monotonic()
+                if now - window >= self.timeout:
+                    if done - since < self.min_rate * (now - window):
+                        out.flush()  # what came is kept for the next try to resume
+                        raise _Retry(f"stalled: {done - since} bytes in the last {self.timeout:g} s, below "
+                                     f"min_rate={self.min_rate:g} bytes/s")
+                    window, since = now, done
             out.flush()
             os.fsync(out.fileno())
         if total is not None and done != total:
             raise _Retry(f"short body: {done} of {total} bytes")
+        if total is None and tar and not _ends_as_tar(part):
+            raise _Retry(f"the server sent no length and the file does not end as a tar archive does ({done} bytes)")
 
     # ------------------------------------------------------------------ eviction
     def _scan(self) -> tuple[list[tuple[float, int, str]], int]:
@@ -630,6 +696,8 @@ class CachedShards:
         self.info: list[RemoteInfo | None] = [None] * len(self.names)
         self.ids: list[str | None] = [None] * len(self.names)  # what names each one's content (identities())
         self.sizes: list[int | None] = [None] * len(self.names)  # bytes each takes in the cache
+        self.digests: list[str | None] | None = None  # each one's file_digest when it was indexed
+        self._index_files: list[str | None] = []  # where its index lies (and, last, the combined index)
         self._cache: ShardCache | None = None
         self._pid: int | None = None
         self._bar: Any = None
@@ -695,13 +763,36 @@ class CachedShards:
         etag = info.etag if info is not None and is_remote(name) else None
         return {"size": size, "sha1": c.get("sha1"), "sha256": c.get("sha256"), "etag": etag, "version": self.ids[s]}
 
+    def indexed(self, digests: Sequence[str | None], files: Sequence[str | None]) -> None:
+        """What the index says of the shards: the digest of each cached one's content (checked
+        when it is fetched again), and the index files to drop if one turns out to have changed
+        (``files[s]`` per shard, then the combined index's folder)."""
+        self.digests, self._index_files = list(digests), list(files)
+
     def local(self, s: int) -> str:
         """A local path of shard ``s``: the file itself for a local tar, else its cached copy
-        (fetched first, or waited for, if it is not there)."""
+        (fetched first, or waited for, if it is not there). A copy whose content is not the one
+        indexed (a server that sends no ETag changed the file) is an error, and its index is
+        dropped so that opening the source again indexes the new version."""
         name = self.names[s]
         if not self.cached[s]:
             return name
-        return self.cache.fetch(name, **self._checks(s))
+        path = self.cache.fetch(name, **self._checks(s))
+        want = self.digests[s] if self.digests is not None else None
+        if want is not None:
+            from ._guard import file_digest
+
+            if file_digest(path) != want:
+                _remove_quietly(path)
+                for f in (self._index_files[s], self._index_files[-1]):
+                    if f is not None:
+                        shutil.rmtree(f, ignore_errors=True) if os.path.isdir(f) else _remove_quietly(f)
+                c, info = self.checks.get(name, {}), self.info[s]
+                blind = not (c.get("sha1") or c.get("sha256")) and (info is None or info.etag is None)
+                why = "; the server sends no ETag or Last-Modified" if blind and is_remote(name) else ""
+                raise DataError(f"{name}: the file changed on the server since it was indexed (its content "
+                                f"differs{why}); open the source again to index the new version")
+        return path
 
     def local_if_cached(self, s: int) -> str | None:
         """Where shard ``s`` lies in the cache, if it is there now (a local tar: its path)."""
@@ -834,6 +925,17 @@ def shard_basename(name: str) -> str:
         if base.lower().endswith(ext):
             return base[: -len(ext)] + ".tar"
     return base
+
+
+def _ends_as_tar(path: str) -> bool:
+    """Whether ``path`` ends as a whole tar archive does: a multiple of 512 bytes, the last
+    1024 of them zero (the end-of-archive blocks)."""
+    size = os.path.getsize(path)
+    if size < 1024 or size % 512:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return not any(f.read(1024))
 
 
 def _touch(path: str) -> None:

@@ -121,15 +121,17 @@ def read_manifest(path: str | os.PathLike) -> dict[str, dict]:
 
 
 def match_checks(paths: Sequence[str], checks: dict[str, dict], origin: str = "manifest") -> dict[str, dict]:
-    """``checks`` keyed by the shard each entry names: the same string, or its end at a ``/``."""
+    """``checks`` keyed by the shard each entry names: the same string, or its end at a ``/``
+    (a URL's query, such as a signed URL's token, left out)."""
     out: dict[str, dict] = {}
     exact = set(paths)
+    bare = {p: p.split("?", 1)[0] if is_remote(p) else p for p in paths}
     for name, c in checks.items():
         if name in exact:
             hits = [name]
         else:
             tail = "/" + name.lstrip("/")
-            hits = [p for p in paths if p.endswith(tail)]
+            hits = [p for p in paths if bare[p].endswith(tail) or bare[p] == name]
         if len(hits) > 1:
             raise DataError(f"{origin}: entry {name!r} matches {len(hits)} shards ({hits[0]}, {hits[1]}, ...); "
                             "write a longer part of their paths")

@@ -8,7 +8,12 @@
 ``{"ignore_range": True}`` always answers 200 with the whole file;
 ``{"throttle": n}`` sends the body ``n`` bytes at a time, 10 ms apart (so a test can act mid-transfer);
 ``{"etag": "..."}`` answers with that ETag instead of one derived from the content;
-``{"etags": [...]}`` answers with these ETags, one per request (the last one from then on).
+``{"etags": [...]}`` answers with these ETags, one per request (the last one from then on);
+``{"no_etag": True}`` sends ``Last-Modified`` (the file's mtime) instead of an ETag, as
+``python -m http.server`` does; ``{"no_validator": True}`` sends neither;
+``{"no_length": True}`` sends no ``Content-Length`` (the body ends when the connection closes);
+``{"delay": s}`` makes ``throttle`` wait ``s`` seconds between pieces instead of 10 ms.
+``server.active`` is the number of GETs being answered now, ``server.peak`` its highest value.
 ``server.gets[name]`` counts GET requests, ``server.heads[name]`` HEAD requests,
 ``server.ranges[name]`` lists the ``Range`` header of each GET (None without one).
 ``server.kill()`` closes the listening socket and every open connection at once, as a
@@ -41,11 +46,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._serve(body=True)
 
     def _serve(self, body: bool) -> None:
+        self._counted = body
+        try:
+            self._answer(body)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        if self._counted:
+            self._counted = False
+            with self.server.owner.lock:
+                self.server.owner.active -= 1
+
+    def _answer(self, body: bool) -> None:
         owner = self.server.owner
         name = self.path.lstrip("/").split("?")[0]
         path = os.path.join(owner.folder, name)
         with owner.lock:
             if body:
+                owner.active += 1
+                owner.peak = max(owner.peak, owner.active)
                 owner.gets[name] += 1
                 owner.ranges[name].append(self.headers.get("Range"))
             else:
@@ -86,8 +106,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(206 if partial else 200)
         if partial:
             self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-        self.send_header("Content-Length", str(len(chunk)))
-        self.send_header("ETag", etag)
+        if fault.get("no_length"):
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(chunk)))
+        if fault.get("no_etag"):
+            self.send_header("Last-Modified", self.date_time_string(int(os.path.getmtime(path))))
+        elif not fault.get("no_validator"):
+            self.send_header("ETag", etag)
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
         if not body:
@@ -103,9 +129,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         step = fault.get("throttle")
         if step:
             for a in range(0, len(chunk), step):
+                if a + step >= len(chunk):  # the client may ask again once it has this: not counted as active
+                    self._done()
                 self.wfile.write(chunk[a : a + step])
                 self.wfile.flush()
-                time.sleep(0.01)
+                time.sleep(fault.get("delay", 0.01))
             return
         self.wfile.write(chunk)
 
@@ -139,6 +167,7 @@ class Server:
         self.gets: collections.Counter = collections.Counter()
         self.heads: collections.Counter = collections.Counter()
         self.ranges: collections.defaultdict = collections.defaultdict(list)
+        self.active = self.peak = 0
         self.connections: set[socket.socket] = set()
         self.lock = threading.Lock()
         self._httpd = _HTTPServer(("127.0.0.1", port), _Handler)

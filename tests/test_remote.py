@@ -605,3 +605,120 @@ def test_two_processes_reading_remote_shards_download_each_once(served, tmp_path
         h.update(b["cls"].tobytes())
     assert outs == [h.hexdigest()] * 2 and [p.returncode for p in procs] == [0, 0]
     assert dict(server.gets) == {n: 1 for n in names}
+
+
+def relabel_in_place(path):
+    """Change the first ``.cls`` member's digit, keeping the file's size: another version of
+    the shard that a size check cannot tell apart. Returns the new label."""
+    import tarfile
+
+    with tarfile.open(path) as t:
+        member = next(m for m in t.getmembers() if m.name.endswith(".cls"))
+    with open(path, "r+b") as f:
+        f.seek(member.offset_data)
+        old = f.read(1)
+        new = b"7" if old != b"7" else b"8"
+        f.seek(member.offset_data)
+        f.write(new)
+    return int(new)
+
+
+def test_a_server_without_etags_is_checked_by_last_modified(served, tmp_path):
+    # python -m http.server sends Last-Modified and no ETag: a file changed there (same size) is not read.
+    server, names = served
+    for n in names:
+        server.faults[n] = {"no_etag": True}
+    urls = urls_of(server, names)
+    source = TarSource(urls, cache_dir=tmp_path / "c", lookahead=0)
+    shutil.rmtree(tmp_path / "c")
+    path = os.path.join(server.folder, names[0])
+    relabel_in_place(path)
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    with pytest.raises(DataError, match=rf"^{urls[0]}: the file changed on the server since it was indexed "
+                                        r"\(Last-Modified .* GMT, expected .* GMT\); open the source again"):
+        source.read_batch([0])
+
+
+def test_a_server_with_no_validator_at_all_is_checked_by_content(served, tmp_path):
+    # No ETag, no Last-Modified, the same size: only the content shows the change, and reopening indexes it anew.
+    server, names = served
+    for n in names:
+        server.faults[n] = {"no_validator": True}
+    urls = urls_of(server, names)
+    source = TarSource(urls, cache_dir=tmp_path / "c", lookahead=0)
+    shutil.rmtree(tmp_path / "c")
+    label = relabel_in_place(os.path.join(server.folder, names[0]))
+    with pytest.raises(DataError, match=rf"^{urls[0]}: the file changed on the server since it was indexed \(its "
+                                        r"content differs; the server sends no ETag or Last-Modified\); open the "
+                                        r"source again"):
+        source.read_batch([0])
+    again = TarSource(urls, cache_dir=tmp_path / "c", lookahead=0)
+    assert int(again[0]["cls"]) == label
+    assert_same(batches(again), batches(TarSource([os.path.join(server.folder, n) for n in names])))
+
+
+@pytest.mark.parametrize("fault", [{"no_validator": True}, {"no_etag": True}])
+def test_a_partial_download_is_resumed_only_with_a_validator(served, tmp_path, fault):
+    # Without an ETag or Last-Modified nothing says the bytes kept are of the version served now: start over.
+    server, names = served
+    size = os.path.getsize(os.path.join(server.folder, names[0]))
+    server.faults[names[0]] = {"drop_after": size // 2, **fault}
+    path = ShardCache(tmp_path / "c", backoff=0.01).fetch(f"{server.url}/{names[0]}")
+    assert sha(path) == sha(os.path.join(server.folder, names[0]))
+    resumed = [None, None] if "no_validator" in fault else [None, f"bytes={size // 2}-"]
+    assert server.ranges[names[0]] == resumed
+    assert sorted(os.listdir(tmp_path / "c" / ".locks")) == [os.path.basename(path) + ".lock"]
+
+
+def test_a_body_without_content_length_cut_short_is_not_taken_for_the_whole_file(served, tmp_path):
+    server, names = served
+    size = os.path.getsize(os.path.join(server.folder, names[0]))
+    url = f"{server.url}/{names[0]}"
+    server.faults[names[0]] = {"no_length": True, "drop_after": size // 2}  # once, then whole
+    path = ShardCache(tmp_path / "c", backoff=0.01).fetch(url)
+    assert sha(path) == sha(os.path.join(server.folder, names[0]))
+    server.faults[names[1]] = {"no_length": True, "truncate": size // 2}  # every time
+    url1 = f"{server.url}/{names[1]}"
+    with pytest.raises(DataError, match=rf"^{url1}: download failed after 1 try \(the server sent no length and "
+                                        rf"the file does not end as a tar archive does \({size // 2} bytes\)\)"):
+        ShardCache(tmp_path / "c", retries=0).fetch(url1)
+    assert shard_files(tmp_path / "c") == [os.path.basename(path)]
+
+
+def test_a_stalled_transfer_is_cut_and_retried(served, tmp_path):
+    # A server that keeps the connection alive but sends almost nothing never trips the socket timeout.
+    server, names = served
+    server.faults[names[0]] = {"throttle": 16, "delay": 0.05}  # 320 bytes/s
+    url = f"{server.url}/{names[0]}"
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match=rf"^{url}: download failed after 2 tries \(stalled: [0-9]+ bytes in the "
+                                        r"last 0.5 s, below min_rate=10000 bytes/s\)"):
+        ShardCache(tmp_path / "c", retries=1, backoff=0.01, timeout=0.5, min_rate=10_000).fetch(url)
+    assert time.monotonic() - t0 < 5
+    assert server.gets[names[0]] == 2
+
+
+def test_signed_urls_with_a_checksum_are_cached_by_content(served, tmp_path):
+    # A presigned URL changes its token every run: with a checksum known, the same file is not fetched again.
+    server, names = served
+    manifest = tmp_path / "SHA256SUMS"
+    manifest.write_text("".join(f"{sha(os.path.join(server.folder, n), 'sha256')}  {n}\n" for n in names))
+    first = TarSource([u + "?sig=aaa" for u in urls_of(server, names)], cache_dir=tmp_path / "c", manifest=manifest)
+    again = TarSource([u + "?sig=bbb" for u in urls_of(server, names)], cache_dir=tmp_path / "c", manifest=manifest)
+    assert_same(batches(again), batches(first))
+    assert dict(server.gets) == {n: 1 for n in names} and len(shard_files(tmp_path / "c")) == len(names)
+
+
+def test_background_downloads_are_bounded_by_workers(served, tmp_path):
+    server, names = served
+    for n in names:
+        server.faults[n] = {"throttle": 4096, "delay": 0.005}
+    cache = ShardCache(tmp_path / "c", workers=2)
+    urls = urls_of(server, names)
+    cache.prefetch(urls)
+    time.sleep(0.05)
+    assert server.active == 2  # two in the background, the rest queued
+    cache.fetch(urls[-1])  # still queued: the reader fetches it itself, now, beside the two
+    for u in urls:
+        cache.fetch(u)
+    assert server.peak == 3 and dict(server.gets) == {n: 1 for n in names}
