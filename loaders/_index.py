@@ -299,13 +299,19 @@ def open_cached_index(paths: Sequence[str], cached: CachedShards, index_dir: str
             if s in known:
                 return known.pop(s)
             cached.want(missing[rank[s]:])  # this one, and the next that fit, in the background
-            local = cached.local(s)
-            try:
-                ix = scan_tar(local)
-            except DataError as e:  # name the URL, not the cache's file
-                raise DataError(str(e).replace(local, f"{path} (cached as {local})", 1)) from None
-            digests[s] = file_digest(local)
-            _write_url_index(files[s], path, ids[s], os.path.getsize(local), digests[s], ix)
+            for attempt in range(3):
+                local = cached.local(s)
+                try:
+                    ix = scan_tar(local)
+                    digests[s], size = file_digest(local), os.path.getsize(local)
+                    break
+                except FileNotFoundError:  # evicted by another process sharing the cache: fetch it again
+                    if attempt == 2:
+                        raise DataError(f"{path}: evicted from {cached.cache_dir} by other processes each time it "
+                                        f"was fetched; the processes sharing it need a larger cache_limit") from None
+                except DataError as e:  # name the URL, not the cache's file
+                    raise DataError(str(e).replace(local, f"{path} (cached as {local})", 1)) from None
+            _write_url_index(files[s], path, ids[s], size, digests[s], ix)
             return ix
 
         bar = _progress(len(paths), "indexing shards", progress and len(paths) > 1, unit="shard")

@@ -45,6 +45,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError, Future
@@ -261,9 +262,11 @@ class ShardCache:
         self._pending: dict[str, Future] = {}
         self._pinned: set[str] = set()  # local paths
         self._pinned_urls: set[str] = set()
-        self._inflight: dict[str, int] = {}  # local path -> bytes expected, for fetches under way here
+        self._pin_files: dict[str, Any] = {}  # local path -> open .pin file, share-locked while pinned
         self._lock = threading.Lock()
-        self._room = threading.Lock()  # one eviction decision at a time in this process
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (c := ref()) is not None and c._drop_pins_in_child())
+        weakref.finalize(self, _close_all, self._pin_files)  # a cache dropped without close() lets go too
 
     # ------------------------------------------------------------------ public
     def local_path(self, url: str, version: str | None = None) -> str:
@@ -305,6 +308,7 @@ class ShardCache:
         with self._lock:
             self._pinned_urls |= set(urls)
             self._pinned |= {self.local_path(u, checks.get(u, {}).get("version")) for u in urls}
+            self._share_pins()
         self._submit(urls, checks)
 
     def plan(self, urls: Sequence[str], *, sizes: dict[str, int] | None = None,
@@ -327,12 +331,13 @@ class ShardCache:
         with self._lock:
             self._pinned_urls = set(pinned)
             self._pinned = set(paths)
+            self._share_pins()
             stale = [fut for u, fut in self._pending.items() if u not in self._pinned_urls]
         for fut in stale:
             fut.cancel()  # if it has not started; its callback takes it off the queue
         for path in paths:  # recently used in every process's eyes: others evict them last
             _touch(path)
-        self._submit(pinned, checks)
+        self._submit(pinned, checks, sizes)
         return pinned
 
     def pin(self, urls: Iterable[str]) -> None:
@@ -341,6 +346,7 @@ class ShardCache:
         with self._lock:
             self._pinned_urls = set(urls)
             self._pinned = {self.local_path(u) for u in urls}
+            self._share_pins()
 
     def stat(self, url: str) -> RemoteInfo:
         """Size and ETag of ``url`` without downloading it (an HTTP ``HEAD``, fsspec's ``info``;
@@ -368,14 +374,17 @@ class ShardCache:
         return dest
 
     def close(self) -> None:
-        """Stop fetching (drops queued fetches, waits for those under way)."""
+        """Stop fetching (drops queued fetches, waits for those under way) and let go of the pins."""
         self._pool.shutdown(wait=True)
+        with self._lock:
+            self._pinned, self._pinned_urls = set(), set()
+            self._share_pins()
 
     def __repr__(self) -> str:
         return f"ShardCache({self.cache_dir!r}, limit={self.limit})"
 
     # ------------------------------------------------------------------ fetching
-    def _submit(self, urls: list[str], checks: dict[str, dict]) -> None:
+    def _submit(self, urls: list[str], checks: dict[str, dict], sizes: dict[str, int] | None = None) -> None:
         started = []
         with self._lock:
             for url in urls:
@@ -383,7 +392,7 @@ class ShardCache:
                 if url in self._pending or os.path.exists(self.local_path(url, c.get("version"))):
                     continue
                 fut = self._pool.submit(self._fetch, url, c.get("size"), c.get("sha1"), c.get("sha256"),
-                                        c.get("etag"), c.get("version"), True)
+                                        c.get("etag"), c.get("version"), True, (sizes or {}).get(url))
                 self._pending[url] = fut
                 started.append((url, fut))
         for url, fut in started:  # outside the lock: a future already done calls back at once
@@ -397,15 +406,19 @@ class ShardCache:
                     del self._pending[url]
 
     def _fetch(self, url: str, size: int | None, sha1: str | None, sha256: str | None, etag: str | None,
-               version: str | None, background: bool) -> str | None:
+               version: str | None, background: bool, room: int | None = None) -> str | None:
+        """Fetch ``url`` into the cache unless it is there. ``size``: of the file fetched (checked);
+        ``room``: bytes it will take in the cache (default ``size``, unknown for a compressed one)."""
+        if room is None and not url.lower().endswith(COMPRESSED):
+            room = size
         dest = self.local_path(url, version)
         if os.path.exists(dest):
             _touch(dest)
             return dest
-        lock_path = os.path.join(self.cache_dir, ".locks", os.path.basename(dest) + ".lock")
+        lock_path = self._lock_path(dest)
         os.makedirs(os.path.dirname(lock_path), exist_ok=True)  # the folder may have been emptied under us
         with open(lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one process fetches; the others wait, then find the file
+            self._wait_for(lock, url, dest, lock_path)  # one process fetches; the others wait, then find the file
             if os.path.exists(dest):
                 _touch(dest)
                 return dest
@@ -414,18 +427,43 @@ class ShardCache:
                     wanted = url in self._pinned_urls
                 if not wanted:
                     return None  # the window moved on: a reader fetches it if it still needs it
-            with self._room:
-                fits = self._make_room(dest, size)
+            reserve = lock_path[: -len(".lock")] + ".reserve"
+            with self._room_lock() if self.limit is not None else contextlib.nullcontext():
+                fits = self._make_room(dest, room)
                 if background and not fits:
                     return None
-                self._inflight[dest] = int(size or 0)
+                _write_text(reserve, str(int(room or 0)))  # what every process counts until the file is whole
             try:
                 self._get(url, dest, size, sha1, sha256, etag)
             finally:
-                with self._room:
-                    self._inflight.pop(dest, None)
+                _remove_quietly(reserve)
         self._evict(keep=dest)
         return dest
+
+    def _lock_path(self, dest: str) -> str:
+        return os.path.join(self.cache_dir, ".locks", os.path.basename(dest) + ".lock")
+
+    def _wait_for(self, lock: Any, url: str, dest: str, lock_path: str) -> None:
+        """Take the shard's lock, waiting while another process fetches it. Its download is
+        watched: after ``timeout`` times the tries (and their backoff) without a byte more, the
+        wait ends in a :class:`DataError` (a process stopped or hung while holding the lock)."""
+        patience = self.timeout * (self.retries + 1) + self.backoff * 2 ** (self.retries + 1)
+        seen, since, delay = -1, time.monotonic(), 0.005
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            grown = sum(_size(dest + ext) for ext in (".part", ".part.gz"))
+            now = time.monotonic()
+            if grown != seen:
+                seen, since = grown, now
+            elif now - since > patience:
+                raise DataError(f"{url}: another process holds {lock_path} and its download has not grown for "
+                                f"{now - since:.0f} s; stop that process (`fuser {lock_path}` names it)")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     def _get(self, url: str, dest: str, size: int | None, sha1: str | None, sha256: str | None,
              etag: str | None) -> None:
@@ -627,9 +665,66 @@ class ShardCache:
             raise _Retry(f"the server sent no length and the file does not end as a tar archive does ({done} bytes)")
 
     # ------------------------------------------------------------------ eviction
+    def _pin_path(self, path: str) -> str:
+        return os.path.join(self.cache_dir, ".locks", os.path.basename(path) + ".pin")
+
+    def _share_pins(self) -> None:
+        """Make this process's pins seen by every process sharing the folder: a shared file lock
+        on ``.locks/<shard>.pin`` per pinned shard (called under ``self._lock``)."""
+        for path in [p for p in self._pin_files if p not in self._pinned]:
+            self._pin_files.pop(path).close()  # closing lets the lock go
+        for path in self._pinned - self._pin_files.keys():
+            pin = self._pin_path(path)
+            try:
+                os.makedirs(os.path.dirname(pin), exist_ok=True)
+                f = open(pin, "a")  # noqa: SIM115 -- held open while pinned
+                fcntl.flock(f, fcntl.LOCK_SH)
+            except OSError:  # a pin is a courtesy to other processes; the folder's limit still holds
+                continue
+            self._pin_files[path] = f
+
+    def _drop_pins_in_child(self) -> None:
+        """After a fork: the parent's pins are the parent's (a child holding the same open files
+        would keep them pinned as long as it lives)."""
+        _close_all(self._pin_files)
+
+    def _remove_unpinned(self, path: str) -> bool:
+        """Delete ``path`` unless a process pins it (holds its ``.pin`` lock); whether it went.
+        A reader that has it mapped keeps its pages; the next one fetches it again."""
+        pin = self._pin_path(path)
+        try:
+            f = open(pin, "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            f = None
+        try:
+            if f is not None:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False  # another process reads it, or will soon
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            return True
+        finally:
+            if f is not None:
+                f.close()
+
+    @contextlib.contextmanager
+    def _room_lock(self):
+        """One eviction decision at a time on the node: a lock on ``.locks/.room`` (a file lock
+        taken through a fresh open file, so it also keeps this process's threads apart)."""
+        path = os.path.join(self.cache_dir, ".locks", ".room")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
     def _scan(self) -> tuple[list[tuple[float, int, str]], int]:
-        """The cached shards ``(mtime, size, path)`` and the bytes of everything else being written."""
-        shards, other = [], 0
+        """What the folder holds, as every process sharing it sees it: the evictable files
+        ``(mtime, size, path)`` (whole shards, and partial downloads no process is making,
+        left by one that was killed) and the bytes of the downloads under way, each counted
+        at the larger of what it has written and what it reserved (its expected size)."""
+        files, parts = [], {}
         with os.scandir(self.cache_dir) as it:
             for e in it:
                 try:
@@ -639,34 +734,54 @@ class ShardCache:
                 except FileNotFoundError:
                     continue
                 if _SHARD_FILE.match(e.name):
-                    shards.append((st.st_mtime, st.st_size, e.path))
-                elif e.path[: -len(".part")] not in self._inflight and not e.name.startswith("."):
-                    other += st.st_size  # another process's download (ours are counted in full below)
-        return shards, other
+                    files.append((st.st_mtime, st.st_size, e.path))
+                elif e.name.endswith((".part", ".part.gz")) and not e.name.startswith("."):
+                    parts[e.path] = (st.st_mtime, st.st_size)
+        busy = 0
+        locks = os.path.join(self.cache_dir, ".locks")
+        with contextlib.suppress(FileNotFoundError), os.scandir(locks) as it:
+            for e in it:
+                if not e.name.endswith(".reserve"):
+                    continue
+                dest = os.path.join(self.cache_dir, e.name[: -len(".reserve")])
+                written = sum(parts.pop(dest + ext, (0, 0))[1] for ext in (".part", ".part.gz"))
+                if _held(os.path.join(locks, e.name[: -len(".reserve")] + ".lock")):
+                    busy += max(_int(_read_text(e.path)) or 0, written)
+                else:  # its process died: the reservation goes, its partial file may be evicted
+                    _remove_quietly(e.path)
+                    files += [(0.0, written, dest + ".part")] if written else []
+        for path, (mtime, size) in parts.items():
+            lock = self._lock_path(path.removesuffix(".gz").removesuffix(".part"))
+            if _held(lock):  # a fetch between taking its lock and reserving: not ours to delete
+                busy += size
+            else:
+                files.append((mtime, size, path))
+        return files, busy
 
     def _make_room(self, dest: str, size: int | None) -> bool:
-        """Evict until the folder, the fetches under way here and ``size`` more bytes fit in the limit."""
+        """Evict until the folder, the fetches under way in every process and ``size`` more bytes
+        fit in the limit (called under :meth:`_room_lock`)."""
         if self.limit is None:
             return True
         return self._shrink(self.limit - int(size or 0), keep={dest})
 
     def _evict(self, keep: str) -> None:
         if self.limit is not None:
-            with self._room:
+            with self._room_lock():
                 self._shrink(self.limit, keep={keep})
 
     def _shrink(self, budget: int, keep: set[str]) -> bool:
         with self._lock:
             pinned = self._pinned | keep
-        shards, other = self._scan()
-        used = sum(size for _, size, _ in shards) + other + sum(self._inflight.values())
-        for _, size, path in sorted(shards):
+        files, busy = self._scan()
+        used = sum(size for _, size, _ in files) + busy
+        for _, size, path in sorted(files):
             if used <= budget:
                 break
-            if path in pinned:
+            if path in pinned or not self._remove_unpinned(path):
                 continue
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)  # a reader that has it mapped keeps its pages; the next one fetches again
+            if not path.endswith(".tar"):  # a partial download left by a killed process, and its ETag note
+                _remove_quietly(self._etag_file(path))
             used -= size
         return used <= budget
 
@@ -777,12 +892,18 @@ class CachedShards:
         name = self.names[s]
         if not self.cached[s]:
             return name
-        path = self.cache.fetch(name, **self._checks(s))
         want = self.digests[s] if self.digests is not None else None
-        if want is not None:
+        for _ in range(3):
+            path = self.cache.fetch(name, **self._checks(s))
+            if want is None:
+                return path
             from ._guard import file_digest
 
-            if file_digest(path) != want:
+            try:
+                got = file_digest(path)
+            except FileNotFoundError:  # evicted by another process sharing the cache, just now: again
+                continue
+            if got != want:
                 _remove_quietly(path)
                 for f in (self._index_files[s], self._index_files[-1]):
                     if f is not None:
@@ -792,7 +913,9 @@ class CachedShards:
                 why = "; the server sends no ETag or Last-Modified" if blind and is_remote(name) else ""
                 raise DataError(f"{name}: the file changed on the server since it was indexed (its content "
                                 f"differs{why}); open the source again to index the new version")
-        return path
+            return path
+        raise DataError(f"{name}: evicted from {self.cache_dir} by other processes each time it was fetched; "
+                        f"the processes sharing it need a larger cache_limit (now {self.limit} bytes)")
 
     def local_if_cached(self, s: int) -> str | None:
         """Where shard ``s`` lies in the cache, if it is there now (a local tar: its path)."""
@@ -925,6 +1048,34 @@ def shard_basename(name: str) -> str:
         if base.lower().endswith(ext):
             return base[: -len(ext)] + ".tar"
     return base
+
+
+def _close_all(files: dict[str, Any]) -> None:
+    for f in list(files.values()):
+        with contextlib.suppress(OSError):
+            f.close()
+    files.clear()
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _held(lock_path: str) -> bool:
+    """Whether some process (this one included) holds the file lock ``lock_path``."""
+    try:
+        with open(lock_path, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
 
 
 def _ends_as_tar(path: str) -> bool:

@@ -722,3 +722,70 @@ def test_background_downloads_are_bounded_by_workers(served, tmp_path):
     for u in urls:
         cache.fetch(u)
     assert server.peak == 3 and dict(server.gets) == {n: 1 for n in names}
+
+
+def test_processes_sharing_a_cache_count_each_others_downloads_under_way(served, tmp_path):
+    # Two caches on one folder stand for two processes: all they share is the folder and its file locks.
+    server, names = served
+    sizes = [os.path.getsize(os.path.join(server.folder, n)) for n in names[:3]]
+    urls = urls_of(server, names[:3])
+    limit = sum(sizes) - 1  # the three do not fit together
+    server.faults[names[0]] = {"throttle": 4096, "delay": 0.02}
+    a, b = ShardCache(tmp_path / "c", limit), ShardCache(tmp_path / "c", limit)
+    slow = threading.Thread(target=a.fetch, args=(urls[0],), kwargs={"size": sizes[0]})
+    slow.start()
+    while not os.path.exists(a.local_path(urls[0]) + ".part"):
+        time.sleep(0.005)
+    assert b.plan(urls[1:], sizes=dict(zip(urls[1:], sizes[1:], strict=True))) == urls[1:]  # they fit b's limit
+    b.close()  # waits for b's background fetches
+    assert server.gets[names[1]] == 1 and server.gets[names[2]] == 0  # a's download in flight left room for one
+    slow.join()
+    assert held_bytes(tmp_path / "c") == sizes[0] + sizes[1] <= limit
+
+
+def test_a_partial_file_of_a_killed_process_counts_and_is_evicted_when_room_is_needed(served, tmp_path):
+    server, names = served
+    urls = urls_of(server, names[:2])
+    size = os.path.getsize(os.path.join(server.folder, names[1]))
+    cache = ShardCache(tmp_path / "c", limit=size + 100)
+    os.makedirs(tmp_path / "c" / ".locks")
+    stale = cache.local_path(urls[0]) + ".part"
+    with open(stale, "wb") as f:
+        f.write(b"x" * 5000)
+    (tmp_path / "c" / ".locks" / (os.path.basename(stale)[: -len(".part")] + ".reserve")).write_text("99999")
+    cache.fetch(urls[1])
+    assert not os.path.exists(stale) and os.listdir(tmp_path / "c" / ".locks") != []
+    assert held_bytes(tmp_path / "c") == size
+    assert sorted(n for n in os.listdir(tmp_path / "c" / ".locks") if not n.endswith(".lock")) == [".room"]
+
+
+def test_waiting_on_a_process_that_hangs_holding_a_shard_lock_ends_in_an_error(served, tmp_path):
+    import fcntl
+
+    server, names = served
+    url = f"{server.url}/{names[0]}"
+    cache = ShardCache(tmp_path / "c", retries=0, backoff=0.01, timeout=0.3)
+    lock_path = cache.local_path(url).replace(str(tmp_path / "c"), str(tmp_path / "c" / ".locks")) + ".lock"
+    os.makedirs(os.path.dirname(lock_path))
+    with open(lock_path, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        with pytest.raises(DataError, match=rf"^{url}: another process holds {lock_path} and its download has not "
+                                            rf"grown for [0-9]+ s; stop that process \(`fuser {lock_path}` names it\)$"):
+            cache.fetch(url)
+        assert time.monotonic() - t0 < 3
+    assert cache.fetch(url) and server.gets[names[0]] == 1  # once the lock is let go
+
+
+def test_a_shard_another_process_pins_is_not_evicted(served, tmp_path):
+    server, names = served
+    urls = urls_of(server, names[:3])
+    sizes = [os.path.getsize(os.path.join(server.folder, n)) for n in names[:3]]
+    a, b = ShardCache(tmp_path / "c", max(sizes)), ShardCache(tmp_path / "c", max(sizes))
+    assert a.plan(urls[:1]) == urls[:1]
+    kept = a.fetch(urls[0])
+    b.fetch(urls[1])  # no room without a's shard, which a reads: b goes over the limit by its own
+    assert os.path.exists(kept) and held_bytes(tmp_path / "c") == sizes[0] + sizes[1]
+    a.close()  # a lets go of its pins
+    b.fetch(urls[2])
+    assert not os.path.exists(kept) and shard_files(tmp_path / "c") == [os.path.basename(b.local_path(urls[2]))]
