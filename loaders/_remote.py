@@ -353,7 +353,10 @@ class ShardCache:
         a local compressed file: its size and modification time). Retried as downloads are."""
         url = str(url)
         if not is_remote(url):
-            st = os.stat(_local(url))
+            try:
+                st = os.stat(_local(url))
+            except OSError as e:
+                raise DataError(f"{url}: cannot read it ({e.strerror})") from None
             return RemoteInfo(st.st_size, f"mtime:{st.st_mtime_ns}")
         scheme = _SCHEME.match(url).group(1).lower()
         return self._retrying(url, lambda: self._head(url) if scheme in ("http", "https") else self._fsspec_info(url),
@@ -369,6 +372,8 @@ class ShardCache:
                  sha256: str | None = None, etag: str | None = None) -> str:
         """``url`` into the file ``dest`` (anywhere), as the cache fetches: through ``dest + ".part"``
         (resumed if an earlier run left one), checked, then renamed. Returns ``dest``."""
+        if not is_remote(str(url)):
+            raise DataError(f"{url}: not a URL to download (http://, https://, s3://, ...)")
         os.makedirs(os.path.dirname(os.path.abspath(dest)) or ".", exist_ok=True)
         self._get(str(url), dest, size, sha1, sha256, etag)
         return dest

@@ -56,9 +56,8 @@ def _from_yaml(path: str) -> tuple[list[str], dict[str, dict]]:
         p = str(p)
         if not is_remote(p):
             p = os.path.expanduser(_local(p))
-            if not os.path.isabs(p):
-                beside = os.path.join(base, p)
-                p = beside if os.path.exists(beside) or not os.path.exists(p) else p
+            if not os.path.isabs(p):  # beside the list, as ATEK reads it; never the working directory's
+                p = os.path.join(base, p)
         out.append(p)
     return out, _clean_checks(checks or {}, path)
 

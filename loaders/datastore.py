@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import DataError
-from ._remote import ShardCache, _digest
+from ._remote import ShardCache, _digest, is_remote
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # a name that may become one path component
 SPLITS = ("train", "validation", "all")
@@ -106,12 +106,19 @@ def read_url_json(path: str, config_name: str) -> dict[str, list[Shard]]:
         if not isinstance(shards, dict):
             raise DataError(f"{where}: expected a mapping of shard name -> {{download_url, sha1sum, ...}}")
         out[seq] = []
+        keys: dict[str, str] = {}  # file name -> the key that names it
         for key, info in shards.items():
             name = key[: -len("_tar")] + ".tar" if key.endswith("_tar") else key  # shards-0000_tar -> shards-0000.tar
             if not _SAFE.match(name) or name in (".", ".."):
                 raise DataError(f"{where}/{key}: the shard name is not a safe file name")
+            if name in keys:
+                raise DataError(f"{where}: {keys[name]!r} and {key!r} both name the file {name}")
+            keys[name] = key
             if not isinstance(info, dict) or not isinstance(info.get("download_url"), str):
                 raise DataError(f"{where}/{key}: no download_url")
+            if not is_remote(info["download_url"]):  # a local path here would copy local files into the output
+                raise DataError(f"{where}/{key}: download_url {info['download_url']!r} is not a URL to download "
+                                "(http://, https://, s3://, ...)")
             sha1, size = info.get("sha1sum"), info.get("file_size_bytes")
             if sha1 is not None and not re.fullmatch(r"[0-9a-fA-F]{40}", str(sha1)):
                 raise DataError(f"{where}/{key}: sha1sum {sha1!r} is not 40 hex digits")
@@ -148,6 +155,10 @@ def split_sequences(sequences: Sequence[str], ratio: float = 0.9,
     if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train_sequences",
                                                                                         "val_sequences")):
         raise DataError(f"{split_json_path}: expected lists 'train_sequences' and 'val_sequences'")
+    both = [s for s in split["train_sequences"] if s in set(split["val_sequences"])]
+    if both:
+        raise DataError(f"{split_json_path}: {both[0]!r} is in both train_sequences and val_sequences (validation data "
+                        "would be trained on)")
     picked = set(sequences)
     return ([s for s in split["train_sequences"] if s in picked], [s for s in split["val_sequences"] if s in picked])
 
@@ -218,6 +229,8 @@ def download(shards: Sequence[Shard], output: str, *, overwrite: bool = False, w
             cache.download(shard.url, dest, size=shard.size, sha1=shard.sha1)  # checked before it is renamed
         except (DataError, OSError) as e:
             return shard, str(e), True
+        except Exception as e:  # noqa: BLE001 -- one shard's surprise is its failure, not the run's end
+            return shard, f"{shard.url}: {type(e).__name__}: {e}", True
         return shard, None, True
 
     try:
@@ -241,7 +254,7 @@ def _write_yaml(path: str, doc: dict) -> None:
 
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(doc, f, default_flow_style=False, sort_keys=False)
+        yaml.safe_dump(doc, f, default_flow_style=False)  # keys sorted, as ATEK's yaml.dump writes them
     os.replace(tmp, path)
 
 
@@ -257,7 +270,7 @@ def run(config_name: str, input_json_path: str, output_folder_path: str, *, max_
     groups = {"train": train, "validation": val}
     summary = Summary()
     if download_wds_to_local:
-        wanted = [s for seq in [*train, *val] for s in table[seq]]
+        wanted = [s for seq in dict.fromkeys([*train, *val]) for s in table[seq]]
         summary = download(wanted, output_folder_path, overwrite=overwrite, workers=workers, progress=progress,
                            **fetch)
         bad = {s.url for s, _ in summary.failed}

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from loaders import DataError, Loader, Sampler, TarSource
+from loaders._remote import ShardCache
 from loaders.datastore import main, pick_sequences, read_url_json, run
 from tests.conftest import make_records, write_wds
 from tests.httpserver import Server
@@ -91,14 +92,14 @@ def test_download_to_local_writes_atek_layout_and_lists(store, tmp_path, capsys)
     shards = {seq: sorted(os.listdir(os.path.join(www, seq))) for seq in SEQUENCES}
     assert lists["train"] == {"tars": {s: [f"{s}/{n}" for n in shards[s]] for s in train}}
     assert lists["validation"] == {"tars": {s: [f"{s}/{n}" for n in shards[s]] for s in val}}
-    assert list(lists["all"]["tars"]) == train + val
+    assert list(lists["all"]["tars"]) == sorted(train + val)  # yaml.dump's sorted keys, as ATEK writes them
     for seq in train + val:
         for name in shards[seq]:
             assert (out / seq / name).read_bytes() == read(os.path.join(www, seq, name))
     assert [s for s in SEQUENCES if (out / s).exists()] == [s for s in SEQUENCES if s in train + val]
     assert "10 shards: 10 downloaded, 0 already complete, 0 failed" in capsys.readouterr().out
-    # The list reads as the same files, in order.
-    expected = [os.path.join(www, s, n) for s in train for n in shards[s]]
+    # The list reads as the same files, in its (sorted) order.
+    expected = [os.path.join(www, s, n) for s in sorted(train) for n in shards[s]]
     assert_same(all_batches(TarSource(str(out / "local_train_tars.yaml"))), all_batches(TarSource(expected)))
 
 
@@ -192,7 +193,7 @@ def test_a_split_json_and_a_missing_shard(store, tmp_path):
     assert [(s.relative, e) for s, e in summary.failed] == [
         ("seq_a/shards-0009.tar", f"{server.url}/seq_a/shards-0009.tar: HTTP 404 Not Found")]
     lists = yaml.safe_load((tmp_path / "out" / "local_all_tars.yaml").read_text())["tars"]
-    assert list(lists) == ["seq_d", "seq_a", "seq_f"] and "seq_a/shards-0009.tar" not in lists["seq_a"]
+    assert list(lists) == ["seq_a", "seq_d", "seq_f"] and "seq_a/shards-0009.tar" not in lists["seq_a"]
 
 
 def test_bad_input_is_named(tmp_path, capsys):
@@ -215,3 +216,46 @@ def test_the_module_runs_as_a_program(store, tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(tmp_path / "out")) == [f"streamable_{n}_tars.yaml" for n in ("all", "train", "validation")]
+
+
+def test_a_sequence_in_both_splits_is_refused(store, tmp_path):
+    server, root = store
+    src = url_json(server, str(root / "www"), tmp_path / "urls.json")
+    (tmp_path / "split.json").write_text(json.dumps({"train_sequences": ["seq_a", "seq_b"],
+                                                     "val_sequences": ["seq_c", "seq_a"]}))
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'split.json'}: 'seq_a' is in both train_sequences and "
+                                        r"val_sequences \(validation data would be trained on\)$"):
+        run("cubercnn", src, str(tmp_path / "out"), download_wds_to_local=True,
+            train_val_split_json_path=str(tmp_path / "split.json"), **FAST)
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("url", ["/etc/hostname", "file:///etc/passwd", "etc/hostname", "ftp:/x"])
+def test_a_download_url_that_is_not_a_remote_url_is_refused(tmp_path, url):
+    doc = {"atek_data_for_all_configs": {"cubercnn": {"wds_file_urls": {
+        "seq_a": {"shards-0000_tar": {"download_url": url}}}}}}
+    (tmp_path / "u.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=rf"u.json: cubercnn/seq_a/shards-0000_tar: download_url {url!r} is not a "
+                                        r"URL to download \(http://, https://, s3://, ...\)$"):
+        read_url_json(str(tmp_path / "u.json"), "cubercnn")
+    with pytest.raises(DataError, match=rf"^{url}: not a URL to download"):
+        ShardCache(tmp_path / "c").download(url, str(tmp_path / "x.tar"))
+    assert not os.path.exists(tmp_path / "x.tar")
+
+
+def test_two_entries_naming_one_file_are_refused(tmp_path):
+    doc = {"atek_data_for_all_configs": {"cubercnn": {"wds_file_urls": {"seq_a": {
+        "shards-0000_tar": {"download_url": "http://h/a.tar"}, "shards-0000.tar": {"download_url": "http://h/b.tar"}}}}}}
+    (tmp_path / "u.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"u.json: cubercnn/seq_a: 'shards-0000_tar' and 'shards-0000.tar' both name "
+                                        r"the file shards-0000.tar$"):
+        read_url_json(str(tmp_path / "u.json"), "cubercnn")
+
+
+def test_lists_are_written_with_sorted_sequences_as_atek_writes_them(store, tmp_path):
+    server, root = store
+    src = url_json(server, str(root / "www"), tmp_path / "urls.json")
+    run("cubercnn", src, str(tmp_path / "out"), **FAST)
+    text = (tmp_path / "out" / "streamable_all_tars.yaml").read_text()
+    doc = yaml.safe_load(text)
+    assert list(doc["tars"]) == sorted(SEQUENCES) and text == yaml.dump(doc)

@@ -789,3 +789,16 @@ def test_a_shard_another_process_pins_is_not_evicted(served, tmp_path):
     a.close()  # a lets go of its pins
     b.fetch(urls[2])
     assert not os.path.exists(kept) and shard_files(tmp_path / "c") == [os.path.basename(b.local_path(urls[2]))]
+
+
+def test_relative_paths_of_a_yaml_list_are_beside_it_never_the_working_directory(served, tmp_path, monkeypatch):
+    server, names = served
+    shutil.copy(os.path.join(server.folder, names[0]), tmp_path / "a.tar")  # in the working directory only
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "local_train_tars.yaml").write_text("tars:\n  seq:\n  - a.tar\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'lists' / 'a.tar'}: shard not found \(listed in "
+                                        r"lists/local_train_tars.yaml\)$"):
+        TarSource("lists/local_train_tars.yaml")
+    shutil.copy(os.path.join(server.folder, names[1]), tmp_path / "lists" / "a.tar")
+    assert TarSource("lists/local_train_tars.yaml").shards == [str(tmp_path / "lists" / "a.tar")]
