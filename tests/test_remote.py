@@ -802,3 +802,25 @@ def test_relative_paths_of_a_yaml_list_are_beside_it_never_the_working_directory
         TarSource("lists/local_train_tars.yaml")
     shutil.copy(os.path.join(server.folder, names[1]), tmp_path / "lists" / "a.tar")
     assert TarSource("lists/local_train_tars.yaml").shards == [str(tmp_path / "lists" / "a.tar")]
+
+
+def test_retries_back_off_exponentially(served, tmp_path, monkeypatch):
+    import types
+
+    from loaders import _remote
+
+    server, names = served
+    server.faults[names[0]] = {"status": [503, 503, 429]}
+    slept = []
+    monkeypatch.setattr(_remote, "time", types.SimpleNamespace(sleep=slept.append, monotonic=time.monotonic))
+    ShardCache(tmp_path / "c", backoff=0.2, retries=3).fetch(f"{server.url}/{names[0]}")
+    assert len(slept) == 3 and all(b * 1.0 <= s <= b * 1.25 for s, b in zip(slept, [0.2, 0.4, 0.8], strict=True))
+
+
+def test_indexing_remote_shards_shows_a_byte_progress_bar(served, tmp_path, capsys):
+    server, names = served
+    TarSource(urls_of(server, names), cache_dir=tmp_path / "c", progress=True)
+    err = capsys.readouterr().err
+    total = sum(os.path.getsize(os.path.join(server.folder, n)) for n in names)
+    assert "downloading shards: 100%" in err and "indexing shards: 100%" in err
+    assert 2**20 < total < 10 * 2**20 and f"| {total / 2**20:.2f}M/{total / 2**20:.2f}M [" in err  # bytes, all of them
