@@ -210,12 +210,14 @@ def check_cache_order(source: Any, sampler: Sampler) -> None:
         need = int(sizes[: 2 * k].sum())  # the step where one window gives way to the next reads both
         if need > cache.limit:
             fits = max(0, cache.limit // (2 * int(sizes[0]))) if len(sizes) and sizes[0] else 0
+            fix = (f"window={fits} or less, or a cache_limit of {need:,} bytes or more" if 1 <= fits < k else
+                   f"a cache_limit of {need:,} bytes or more" if k == 1 else
+                   f"a cache_limit of {need:,} bytes or more ({int(sizes[:2].sum()):,} for window=1)")
             warnings.warn(
                 f"{source!r}: a block shuffle mixes {k} shards at a time (window={k}), and the step where one window "
                 f"gives way to the next reads from two: up to {need:,} bytes, more than the shard cache holds "
                 f"({cache.limit:,} bytes, cache_limit), so shards would be downloaded again at every such step. Use "
-                f"window={fits} or less" + (" " if fits else " (a cache for two shards at least) ") +
-                f"or a cache_limit of {need:,} bytes or more", RuntimeWarning, stacklevel=3)
+                f"{fix}", RuntimeWarning, stacklevel=3)
 
 
 class _Lookahead:

@@ -263,6 +263,7 @@ class ShardCache:
         self._pinned: set[str] = set()  # local paths
         self._pinned_urls: set[str] = set()
         self._pin_files: dict[str, Any] = {}  # local path -> open .pin file, share-locked while pinned
+        self._reading: str | None = None  # the shard fetch() was last asked for: pinned too
         self._lock = threading.Lock()
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (c := ref()) is not None and c._drop_pins_in_child())
@@ -284,7 +285,9 @@ class ShardCache:
         cannot be had.
         """
         url = str(url)
-        with self._lock:
+        with self._lock:  # the shard read now is kept from every process's eviction until the next one
+            self._reading = self.local_path(url, version)
+            self._share_pins()
             fut = self._pending.get(url)
         if fut is not None:
             with self._lock:
@@ -382,7 +385,7 @@ class ShardCache:
         """Stop fetching (drops queued fetches, waits for those under way) and let go of the pins."""
         self._pool.shutdown(wait=True)
         with self._lock:
-            self._pinned, self._pinned_urls = set(), set()
+            self._pinned, self._pinned_urls, self._reading = set(), set(), None
             self._share_pins()
 
     def __repr__(self) -> str:
@@ -675,10 +678,13 @@ class ShardCache:
 
     def _share_pins(self) -> None:
         """Make this process's pins seen by every process sharing the folder: a shared file lock
-        on ``.locks/<shard>.pin`` per pinned shard (called under ``self._lock``)."""
-        for path in [p for p in self._pin_files if p not in self._pinned]:
+        on ``.locks/<shard>.pin`` per pinned shard (called under ``self._lock``; with a ``limit``)."""
+        if self.limit is None:  # nothing is evicted by this process; processes sharing a folder share its limit
+            return
+        wanted = self._pinned | {self._reading} if self._reading else self._pinned
+        for path in [p for p in self._pin_files if p not in wanted]:
             self._pin_files.pop(path).close()  # closing lets the lock go
-        for path in self._pinned - self._pin_files.keys():
+        for path in wanted - self._pin_files.keys():
             pin = self._pin_path(path)
             try:
                 os.makedirs(os.path.dirname(pin), exist_ok=True)
@@ -777,7 +783,7 @@ class ShardCache:
 
     def _shrink(self, budget: int, keep: set[str]) -> bool:
         with self._lock:
-            pinned = self._pinned | keep
+            pinned = self._pinned | keep | ({self._reading} if self._reading else set())
         files, busy = self._scan()
         used = sum(size for _, size, _ in files) + busy
         for _, size, path in sorted(files):

@@ -334,8 +334,11 @@ class TarSource:
                 mm = map_file(local)
                 break
             except FileNotFoundError:  # evicted by another process between fetch and map: fetch it again
-                if cache is None or attempt == 2:
+                if cache is None:
                     raise
+                if attempt == 2:
+                    raise DataError(f"{path}: evicted from {cache.cache_dir} by other processes each time it was "
+                                    f"fetched; the processes sharing it need a larger cache_limit") from None
                 local = cache.local(shard)
         where = path if local == path else f"{path} (cached as {local})"
         end = int(self._view().ends[shard])

@@ -264,6 +264,9 @@ def run(config_name: str, input_json_path: str, output_folder_path: str, *, max_
         **fetch: Any) -> Summary:
     """What ``python -m loaders.datastore`` does, as a function (arguments as the CLI's)."""
     table = read_url_json(input_json_path, config_name)
+    if max_num_sequences is not None and max_num_sequences > len(table):
+        print(f"note: --max-num-sequences {max_num_sequences}, but {input_json_path} has {len(table)} sequences of "
+              f"{config_name!r}: all of them are used", file=sys.stderr)
     picked = pick_sequences(list(table), random_seed, max_num_sequences)
     train, val = split_sequences(picked, train_val_split_ratio, train_val_split_json_path)
     os.makedirs(output_folder_path, exist_ok=True)
@@ -274,8 +277,8 @@ def run(config_name: str, input_json_path: str, output_folder_path: str, *, max_
         summary = download(wanted, output_folder_path, overwrite=overwrite, workers=workers, progress=progress,
                            **fetch)
         bad = {s.url for s, _ in summary.failed}
-        lists = {name: {seq: [s.relative for s in table[seq] if s.url not in bad] for seq in seqs}
-                 for name, seqs in groups.items()}
+        lists = {name: {seq: kept for seq in seqs if (kept := [s.relative for s in table[seq] if s.url not in bad])}
+                 for name, seqs in groups.items()}  # a failed shard is left out (exit 1); so is a sequence left empty
         lists["all"] = {**lists["train"], **lists["validation"]}
         for name in SPLITS:
             path = os.path.join(output_folder_path, f"local_{name}_tars.yaml")

@@ -259,3 +259,11 @@ def test_lists_are_written_with_sorted_sequences_as_atek_writes_them(store, tmp_
     text = (tmp_path / "out" / "streamable_all_tars.yaml").read_text()
     doc = yaml.safe_load(text)
     assert list(doc["tars"]) == sorted(SEQUENCES) and text == yaml.dump(doc)
+
+
+def test_asking_for_more_sequences_than_there_are_says_so(store, tmp_path, capsys):
+    server, root = store
+    src = url_json(server, str(root / "www"), tmp_path / "urls.json")
+    assert main(args(src, tmp_path / "out", "--max-num-sequences", "50")) == 0
+    assert (f"note: --max-num-sequences 50, but {src} has 6 sequences of 'cubercnn': all of them are used"
+            in capsys.readouterr().err)

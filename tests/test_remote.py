@@ -756,7 +756,7 @@ def test_a_partial_file_of_a_killed_process_counts_and_is_evicted_when_room_is_n
     cache.fetch(urls[1])
     assert not os.path.exists(stale) and os.listdir(tmp_path / "c" / ".locks") != []
     assert held_bytes(tmp_path / "c") == size
-    assert sorted(n for n in os.listdir(tmp_path / "c" / ".locks") if not n.endswith(".lock")) == [".room"]
+    assert sorted(n for n in os.listdir(tmp_path / "c" / ".locks") if not n.endswith((".lock", ".pin"))) == [".room"]
 
 
 def test_waiting_on_a_process_that_hangs_holding_a_shard_lock_ends_in_an_error(served, tmp_path):
@@ -824,3 +824,14 @@ def test_indexing_remote_shards_shows_a_byte_progress_bar(served, tmp_path, caps
     total = sum(os.path.getsize(os.path.join(server.folder, n)) for n in names)
     assert "downloading shards: 100%" in err and "indexing shards: 100%" in err
     assert 2**20 < total < 10 * 2**20 and f"| {total / 2**20:.2f}M/{total / 2**20:.2f}M [" in err  # bytes, all of them
+
+
+def test_the_block_window_warning_suggests_only_what_can_work(served, tmp_path):
+    server, names = served
+    sizes = sorted((os.path.getsize(os.path.join(server.folder, n)) for n in names), reverse=True)
+    source = TarSource(urls_of(server, names), cache_dir=tmp_path / "c", cache_limit=sizes[0])
+    for window, fix in [(1, rf"Use a cache_limit of {sum(sizes[:2]):,} bytes or more$"),
+                        (2, rf"Use a cache_limit of {sum(sizes[:4]):,} bytes or more \({sum(sizes[:2]):,} for "
+                            r"window=1\)$")]:
+        with pytest.warns(RuntimeWarning, match=rf"\(window={window}\), .*{fix}"):
+            Loader(source, Sampler(len(source), 32, shuffle="block", blocks=source.block_starts, window=window))
