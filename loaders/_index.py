@@ -309,8 +309,10 @@ def open_cached_index(paths: Sequence[str], cached: CachedShards, index_dir: str
                     if attempt == 2:
                         raise DataError(f"{path}: evicted from {cached.cache_dir} by other processes each time it "
                                         f"was fetched; the processes sharing it need a larger cache_limit") from None
-                except DataError as e:  # name the URL, not the cache's file
-                    raise DataError(str(e).replace(local, f"{path} (cached as {local})", 1)) from None
+                except DataError as e:  # name the URL, not the cache's file; the copy goes (the next run fetches again)
+                    with contextlib.suppress(OSError):
+                        os.remove(local)
+                    raise DataError(str(e).replace(local, f"{path} (cached as {local}, now deleted)", 1)) from None
             _write_url_index(files[s], path, ids[s], size, digests[s], ix)
             return ix
 

@@ -87,6 +87,48 @@ class RemoteInfo(NamedTuple):
 
 
 _LAST_MODIFIED = "Last-Modified "
+PIN_CAP = 64  # shards one process pins in every process's eyes (one open file each): the next ones it reads
+
+_LOCKED: set[Any] = set()  # open files that hold (or wait for) a file lock
+_LOCKED_GUARD = threading.Lock()
+
+
+def _close_inherited() -> None:
+    """In a forked child: close the copies of the parent's lock files. A file lock lasts while
+    any copy of its open file does, so a child (a DataLoader worker) would otherwise hold the
+    parent's locks, a download's or the eviction lock, for as long as it lives."""
+    global _LOCKED_GUARD
+    for f in list(_LOCKED):
+        with contextlib.suppress(OSError):
+            f.close()
+    _LOCKED.clear()
+    _LOCKED_GUARD = threading.Lock()  # another thread of the parent may have held it
+
+
+os.register_at_fork(after_in_child=_close_inherited)
+
+
+def _open_lock(path: str, mode: str) -> Any:
+    """``open(path, mode)``, registered to be closed in a forked child; close with :func:`_close_lock`."""
+    f = open(path, mode)  # noqa: SIM115
+    with _LOCKED_GUARD:
+        _LOCKED.add(f)
+    return f
+
+
+def _close_lock(f: Any) -> None:
+    with _LOCKED_GUARD:
+        _LOCKED.discard(f)
+    f.close()
+
+
+@contextlib.contextmanager
+def _lock_file(path: str, mode: str):
+    f = _open_lock(path, mode)
+    try:
+        yield f
+    finally:
+        _close_lock(f)
 
 
 def _validator(headers: Any) -> str | None:
@@ -263,10 +305,9 @@ class ShardCache:
         self._pinned: set[str] = set()  # local paths
         self._pinned_urls: set[str] = set()
         self._pin_files: dict[str, Any] = {}  # local path -> open .pin file, share-locked while pinned
-        self._reading: str | None = None  # the shard fetch() was last asked for: pinned too
+        self._pin_order: list[str] = []  # the pinned paths in the order they will be read
+        self._reading: dict[int, str] = {}  # per thread, the shard fetch() was last asked for: pinned too
         self._lock = threading.Lock()
-        ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (c := ref()) is not None and c._drop_pins_in_child())
         weakref.finalize(self, _close_all, self._pin_files)  # a cache dropped without close() lets go too
 
     # ------------------------------------------------------------------ public
@@ -286,7 +327,7 @@ class ShardCache:
         """
         url = str(url)
         with self._lock:  # the shard read now is kept from every process's eviction until the next one
-            self._reading = self.local_path(url, version)
+            self._reading[threading.get_ident()] = self.local_path(url, version)
             self._share_pins()
             fut = self._pending.get(url)
         if fut is not None:
@@ -310,7 +351,9 @@ class ShardCache:
         urls, checks = [str(u) for u in urls], checks or {}
         with self._lock:
             self._pinned_urls |= set(urls)
-            self._pinned |= {self.local_path(u, checks.get(u, {}).get("version")) for u in urls}
+            paths = [self.local_path(u, checks.get(u, {}).get("version")) for u in urls]
+            self._pin_order += [p for p in paths if p not in self._pinned]
+            self._pinned |= set(paths)
             self._share_pins()
         self._submit(urls, checks)
 
@@ -333,7 +376,7 @@ class ShardCache:
         paths = [self.local_path(u, checks.get(u, {}).get("version")) for u in pinned]
         with self._lock:
             self._pinned_urls = set(pinned)
-            self._pinned = set(paths)
+            self._pinned, self._pin_order = set(paths), paths
             self._share_pins()
             stale = [fut for u, fut in self._pending.items() if u not in self._pinned_urls]
         for fut in stale:
@@ -348,7 +391,8 @@ class ShardCache:
         urls = [str(u) for u in urls]
         with self._lock:
             self._pinned_urls = set(urls)
-            self._pinned = {self.local_path(u) for u in urls}
+            self._pin_order = [self.local_path(u) for u in urls]
+            self._pinned = set(self._pin_order)
             self._share_pins()
 
     def stat(self, url: str) -> RemoteInfo:
@@ -385,7 +429,7 @@ class ShardCache:
         """Stop fetching (drops queued fetches, waits for those under way) and let go of the pins."""
         self._pool.shutdown(wait=True)
         with self._lock:
-            self._pinned, self._pinned_urls, self._reading = set(), set(), None
+            self._pinned, self._pinned_urls, self._pin_order, self._reading = set(), set(), [], {}
             self._share_pins()
 
     def __repr__(self) -> str:
@@ -425,7 +469,7 @@ class ShardCache:
             return dest
         lock_path = self._lock_path(dest)
         os.makedirs(os.path.dirname(lock_path), exist_ok=True)  # the folder may have been emptied under us
-        with open(lock_path, "w") as lock:
+        with _lock_file(lock_path, "w") as lock:
             self._wait_for(lock, url, dest, lock_path)  # one process fetches; the others wait, then find the file
             if os.path.exists(dest):
                 _touch(dest)
@@ -654,7 +698,10 @@ class ShardCache:
                     raise _Retry(f"connection lost after {done} bytes ({type(e).__name__})") from None
                 if not chunk:
                     break
-                out.write(chunk)
+                try:
+                    out.write(chunk)
+                except OSError as e:  # a full disk: not worth retrying
+                    raise DataError(f"{url}: writing {part} failed after {done} bytes ({e})") from None
                 done += len(chunk)
                 if self.progress is not None:
                     self.progress(url, done, total)
@@ -681,30 +728,29 @@ class ShardCache:
         on ``.locks/<shard>.pin`` per pinned shard (called under ``self._lock``; with a ``limit``)."""
         if self.limit is None:  # nothing is evicted by this process; processes sharing a folder share its limit
             return
-        wanted = self._pinned | {self._reading} if self._reading else self._pinned
+        wanted = set(self._pin_order[:PIN_CAP]) | set(self._reading.values())  # a bounded number of open files
         for path in [p for p in self._pin_files if p not in wanted]:
-            self._pin_files.pop(path).close()  # closing lets the lock go
+            _close_lock(self._pin_files.pop(path))  # closing lets the lock go
         for path in wanted - self._pin_files.keys():
             pin = self._pin_path(path)
             try:
                 os.makedirs(os.path.dirname(pin), exist_ok=True)
-                f = open(pin, "a")  # noqa: SIM115 -- held open while pinned
-                fcntl.flock(f, fcntl.LOCK_SH)
+                f = _open_lock(pin, "a")  # held open while pinned
             except OSError:  # a pin is a courtesy to other processes; the folder's limit still holds
                 continue
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH)
+            except OSError:
+                _close_lock(f)
+                continue
             self._pin_files[path] = f
-
-    def _drop_pins_in_child(self) -> None:
-        """After a fork: the parent's pins are the parent's (a child holding the same open files
-        would keep them pinned as long as it lives)."""
-        _close_all(self._pin_files)
 
     def _remove_unpinned(self, path: str) -> bool:
         """Delete ``path`` unless a process pins it (holds its ``.pin`` lock); whether it went.
         A reader that has it mapped keeps its pages; the next one fetches it again."""
         pin = self._pin_path(path)
         try:
-            f = open(pin, "rb")  # noqa: SIM115
+            f = _open_lock(pin, "rb")
         except FileNotFoundError:
             f = None
         try:
@@ -718,7 +764,7 @@ class ShardCache:
             return True
         finally:
             if f is not None:
-                f.close()
+                _close_lock(f)
 
     @contextlib.contextmanager
     def _room_lock(self):
@@ -726,7 +772,7 @@ class ShardCache:
         taken through a fresh open file, so it also keeps this process's threads apart)."""
         path = os.path.join(self.cache_dir, ".locks", ".room")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as f:
+        with _lock_file(path, "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
@@ -755,12 +801,12 @@ class ShardCache:
                 if not e.name.endswith(".reserve"):
                     continue
                 dest = os.path.join(self.cache_dir, e.name[: -len(".reserve")])
-                written = sum(parts.pop(dest + ext, (0, 0))[1] for ext in (".part", ".part.gz"))
+                mine = {dest + ext: parts.pop(dest + ext)[1] for ext in (".part", ".part.gz") if dest + ext in parts}
                 if _held(os.path.join(locks, e.name[: -len(".reserve")] + ".lock")):
-                    busy += max(_int(_read_text(e.path)) or 0, written)
-                else:  # its process died: the reservation goes, its partial file may be evicted
+                    busy += max(_int(_read_text(e.path)) or 0, sum(mine.values()))
+                else:  # its process died: the reservation goes, its partial files may be evicted
                     _remove_quietly(e.path)
-                    files += [(0.0, written, dest + ".part")] if written else []
+                    files += [(0.0, size, path) for path, size in mine.items()]
         for path, (mtime, size) in parts.items():
             lock = self._lock_path(path.removesuffix(".gz").removesuffix(".part"))
             if _held(lock):  # a fetch between taking its lock and reserving: not ours to delete
@@ -783,7 +829,7 @@ class ShardCache:
 
     def _shrink(self, budget: int, keep: set[str]) -> bool:
         with self._lock:
-            pinned = self._pinned | keep | ({self._reading} if self._reading else set())
+            pinned = self._pinned | keep | set(self._reading.values())
         files, busy = self._scan()
         used = sum(size for _, size, _ in files) + busy
         for _, size, path in sorted(files):
@@ -1064,7 +1110,7 @@ def shard_basename(name: str) -> str:
 def _close_all(files: dict[str, Any]) -> None:
     for f in list(files.values()):
         with contextlib.suppress(OSError):
-            f.close()
+            _close_lock(f)
     files.clear()
 
 
@@ -1078,7 +1124,7 @@ def _size(path: str) -> int:
 def _held(lock_path: str) -> bool:
     """Whether some process (this one included) holds the file lock ``lock_path``."""
     try:
-        with open(lock_path, "rb") as f:
+        with _lock_file(lock_path, "rb") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -1090,14 +1136,25 @@ def _held(lock_path: str) -> bool:
 
 
 def _ends_as_tar(path: str) -> bool:
-    """Whether ``path`` ends as a whole tar archive does: a multiple of 512 bytes, the last
-    1024 of them zero (the end-of-archive blocks)."""
+    """Whether ``path`` is a whole tar archive: its headers, walked from the first (seeking over
+    the members' data), end where its two zero end-of-archive blocks begin, within the file.
+    (Zero bytes at the end alone prove nothing: a member's data may be zeros where it was cut.)"""
+    import tarfile
+
     size = os.path.getsize(path)
     if size < 1024 or size % 512:
         return False
-    with open(path, "rb") as f:
-        f.seek(size - 1024)
-        return not any(f.read(1024))
+    try:
+        with tarfile.open(path, "r:") as t:
+            t.getmembers()
+            end = t.offset  # just past the last member's data: where the end-of-archive blocks are
+        if end + 1024 > size:
+            return False
+        with open(path, "rb") as f:
+            f.seek(end)
+            return not any(f.read(1024))
+    except (tarfile.TarError, OSError):
+        return False
 
 
 def _touch(path: str) -> None:

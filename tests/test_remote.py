@@ -743,16 +743,17 @@ def test_processes_sharing_a_cache_count_each_others_downloads_under_way(served,
     assert held_bytes(tmp_path / "c") == sizes[0] + sizes[1] <= limit
 
 
-def test_a_partial_file_of_a_killed_process_counts_and_is_evicted_when_room_is_needed(served, tmp_path):
+@pytest.mark.parametrize("ext", [".part", ".part.gz"])
+def test_a_partial_file_of_a_killed_process_counts_and_is_evicted_when_room_is_needed(served, tmp_path, ext):
     server, names = served
     urls = urls_of(server, names[:2])
     size = os.path.getsize(os.path.join(server.folder, names[1]))
     cache = ShardCache(tmp_path / "c", limit=size + 100)
     os.makedirs(tmp_path / "c" / ".locks")
-    stale = cache.local_path(urls[0]) + ".part"
+    stale = cache.local_path(urls[0]) + ext
     with open(stale, "wb") as f:
         f.write(b"x" * 5000)
-    (tmp_path / "c" / ".locks" / (os.path.basename(stale)[: -len(".part")] + ".reserve")).write_text("99999")
+    (tmp_path / "c" / ".locks" / (os.path.basename(cache.local_path(urls[0])) + ".reserve")).write_text("99999")
     cache.fetch(urls[1])
     assert not os.path.exists(stale) and os.listdir(tmp_path / "c" / ".locks") != []
     assert held_bytes(tmp_path / "c") == size
@@ -835,3 +836,58 @@ def test_the_block_window_warning_suggests_only_what_can_work(served, tmp_path):
                             r"window=1\)$")]:
         with pytest.warns(RuntimeWarning, match=rf"\(window={window}\), .*{fix}"):
             Loader(source, Sampler(len(source), 32, shuffle="block", blocks=source.block_starts, window=window))
+
+
+def test_a_fork_during_a_download_does_not_keep_its_lock(served, tmp_path):
+    # A DataLoader worker forked while a shard downloads gets a copy of the lock's open file: it must let go.
+    import multiprocessing
+
+    from loaders._remote import _held
+
+    server, names = served
+    server.faults[names[0]] = {"throttle": 8192, "delay": 0.01}
+    url = f"{server.url}/{names[0]}"
+    cache = ShardCache(tmp_path / "c", limit=10**9)
+    lock = cache._lock_path(cache.local_path(url))
+    fetching = threading.Thread(target=cache.fetch, args=(url,))
+    fetching.start()
+    while not _held(lock):
+        time.sleep(0.005)
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    child.start()
+    try:
+        fetching.join()
+        assert child.is_alive() and not _held(lock)
+        with cache._room_lock():  # the eviction lock too: free while the child lives
+            pass
+    finally:
+        child.terminate()
+        child.join()
+
+
+def test_a_body_without_length_cut_inside_zeros_is_not_taken_for_a_whole_tar(tmp_path):
+    # A cut that falls in a run of zero bytes leaves a file that ends with zeros: only the headers tell.
+    import webdataset as wds
+
+    (tmp_path / "www").mkdir()
+    with wds.TarWriter(str(tmp_path / "www" / "z.tar")) as w:
+        w.write({"__key__": "0", "npy": np.zeros(200_000, np.uint8)})
+    server = Server(str(tmp_path / "www"))
+    try:
+        server.faults["z.tar"] = {"no_length": True, "drop_after": 51200}
+        path = ShardCache(tmp_path / "c", backoff=0.01).fetch(f"{server.url}/z.tar")
+        assert read(path) == read(tmp_path / "www" / "z.tar") and server.gets["z.tar"] == 2
+    finally:
+        server.close()
+
+
+def test_a_process_pins_a_bounded_number_of_shards_for_the_others(tmp_path):
+    from loaders._remote import PIN_CAP
+
+    cache = ShardCache(tmp_path / "c", limit=10**12, retries=0)
+    urls = [f"http://127.0.0.1:9/s{k}.tar" for k in range(3 * PIN_CAP)]
+    cache.plan(urls)  # nothing listens on port 9: the background fetches fail, the pins stay
+    assert len(cache._pin_files) == PIN_CAP
+    assert set(cache._pin_files) == {cache.local_path(u) for u in urls[:PIN_CAP]}
+    cache.close()
+    assert cache._pin_files == {}
