@@ -327,6 +327,8 @@ class ShardCache:
         """
         url = str(url)
         with self._lock:  # the shard read now is kept from every process's eviction until the next one
+            alive = {t.ident for t in threading.enumerate()}  # a thread that ended pins nothing (each pin is a file)
+            self._reading = {k: v for k, v in self._reading.items() if k in alive}
             self._reading[threading.get_ident()] = self.local_path(url, version)
             self._share_pins()
             fut = self._pending.get(url)

@@ -891,3 +891,16 @@ def test_a_process_pins_a_bounded_number_of_shards_for_the_others(tmp_path):
     assert set(cache._pin_files) == {cache.local_path(u) for u in urls[:PIN_CAP]}
     cache.close()
     assert cache._pin_files == {}
+
+
+def test_threads_that_ended_pin_nothing(served, tmp_path):
+    # Each Loader makes its own reader threads: the shards they read last must not stay pinned (a file each).
+    server, names = served
+    cache = ShardCache(tmp_path / "c", limit=10**9)
+    for n in names:
+        t = threading.Thread(target=cache.fetch, args=(f"{server.url}/{n}",))
+        t.start()
+        t.join()
+    cache.fetch(f"{server.url}/{names[0]}")
+    assert list(cache._reading.values()) == [cache.local_path(f"{server.url}/{names[0]}")]
+    assert list(cache._pin_files) == [cache.local_path(f"{server.url}/{names[0]}")]
