@@ -307,6 +307,8 @@ class ShardCache:
         self._pin_files: dict[str, Any] = {}  # local path -> open .pin file, share-locked while pinned
         self._pin_order: list[str] = []  # the pinned paths in the order they will be read
         self._reading: dict[int, str] = {}  # per thread, the shard fetch() was last asked for: pinned too
+        self._plan: list[tuple[str, str, int]] = []  # plan()'s URLs in reading order: local path, bytes needed
+        self._reserved: set[str] = set()  # URLs this process's fetches have made room for
         self._lock = threading.Lock()
         weakref.finalize(self, _close_all, self._pin_files)  # a cache dropped without close() lets go too
 
@@ -377,6 +379,7 @@ class ShardCache:
             total += need
         paths = [self.local_path(u, checks.get(u, {}).get("version")) for u in pinned]
         with self._lock:
+            self._plan = [(u, path, int(sizes.get(u) or 0)) for u, path in zip(pinned, paths, strict=True)]
             self._pinned_urls = set(pinned)
             self._pinned, self._pin_order = set(paths), paths
             self._share_pins()
@@ -483,16 +486,33 @@ class ShardCache:
                     return None  # the window moved on: a reader fetches it if it still needs it
             reserve = lock_path[: -len(".lock")] + ".reserve"
             with self._room_lock() if self.limit is not None else contextlib.nullcontext():
-                fits = self._make_room(dest, room)
+                fits = self._make_room(dest, int(room or 0) + (self._room_ahead(url) if background else 0))
                 if background and not fits:
                     return None
                 _write_text(reserve, str(int(room or 0)))  # what every process counts until the file is whole
+                with self._lock:
+                    self._reserved.add(url)
             try:
                 self._get(url, dest, size, sha1, sha256, etag)
             finally:
                 _remove_quietly(reserve)
+                with self._lock:
+                    self._reserved.discard(url)
         self._evict(keep=dest)
         return dest
+
+    def _room_ahead(self, url: str) -> int:
+        """Bytes the planned shards read before ``url`` still need: background fetches under way
+        that have not made room yet. Counting them makes room go to shards in reading order,
+        whichever worker asks first (called under :meth:`_room_lock`)."""
+        with self._lock:
+            ahead = 0
+            for u, path, need in self._plan:
+                if u == url:
+                    return ahead
+                if u in self._pending and u not in self._reserved and not os.path.exists(path):
+                    ahead += need
+            return 0  # not planned (prefetch()): nothing is known to come first
 
     def _lock_path(self, dest: str) -> str:
         return os.path.join(self.cache_dir, ".locks", os.path.basename(dest) + ".lock")

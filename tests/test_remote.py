@@ -1,6 +1,7 @@
 """ShardCache against a real HTTP server on 127.0.0.1 serving shards written by webdataset."""
 
 import contextlib
+import fcntl
 import gzip
 import hashlib
 import os
@@ -734,13 +735,40 @@ def test_processes_sharing_a_cache_count_each_others_downloads_under_way(served,
     a, b = ShardCache(tmp_path / "c", limit), ShardCache(tmp_path / "c", limit)
     slow = threading.Thread(target=a.fetch, args=(urls[0],), kwargs={"size": sizes[0]})
     slow.start()
-    while not os.path.exists(a.local_path(urls[0]) + ".part"):
-        time.sleep(0.005)
-    assert b.plan(urls[1:], sizes=dict(zip(urls[1:], sizes[1:], strict=True))) == urls[1:]  # they fit b's limit
-    b.close()  # waits for b's background fetches
-    assert server.gets[names[1]] == 1 and server.gets[names[2]] == 0  # a's download in flight left room for one
-    slow.join()
+    try:
+        while not os.path.exists(a.local_path(urls[0]) + ".part"):
+            time.sleep(0.005)
+        assert b.plan(urls[1:], sizes=dict(zip(urls[1:], sizes[1:], strict=True))) == urls[1:]  # fit b's limit
+        b.close()  # waits for b's background fetches
+        assert server.gets[names[1]] == 1 and server.gets[names[2]] == 0  # a's download left room for one
+    finally:
+        slow.join()  # before the server goes
     assert held_bytes(tmp_path / "c") == sizes[0] + sizes[1] <= limit
+
+
+def test_room_goes_to_planned_shards_in_reading_order_whichever_worker_asks_first(served, tmp_path):
+    # Another process downloads shard 0 (1000 bytes reserved) and holds shard 1's lock, so shard 2's
+    # worker asks for room first. Shard 1 is read first: shard 2 must not take the room shard 1 needs.
+    server, names = served
+    sizes = [os.path.getsize(os.path.join(server.folder, n)) for n in names[:3]]
+    urls = urls_of(server, names[:3])
+    cache = ShardCache(tmp_path / "c", limit=sizes[1] + sizes[2])  # both fit alone, not beside shard 0
+    locks = tmp_path / "c" / ".locks"
+    os.makedirs(locks)
+    other = [open(cache._lock_path(cache.local_path(u)), "w") for u in urls[:2]]  # noqa: SIM115
+    for f in other:
+        fcntl.flock(f, fcntl.LOCK_EX)
+    (locks / (os.path.basename(cache.local_path(urls[0])) + ".reserve")).write_text("1000")
+    try:
+        assert cache.plan(urls[1:], sizes=dict(zip(urls[1:], sizes[1:], strict=True))) == urls[1:]
+        time.sleep(0.3)  # shard 2's worker has decided by now
+        other.pop(1).close()  # shard 1's lock is let go without the file: its worker fetches it
+        cache.close()  # waits for the fetches
+    finally:
+        for f in other:
+            f.close()
+    assert dict(server.gets) == {names[1]: 1}
+    assert shard_files(tmp_path / "c") == [os.path.basename(cache.local_path(urls[1]))]
 
 
 @pytest.mark.parametrize("ext", [".part", ".part.gz"])
